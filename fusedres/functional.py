@@ -1,0 +1,119 @@
+"""The public functions. Each validates its input, then hands it to the op layer (``fusedres/ops.py``).
+
+Semantics are eager PyTorch's: ``F.batch_norm`` (batch statistics and an in-place running-statistics update
+when ``training``, running statistics otherwise), then the residual add, then ReLU.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["batch_norm_relu", "batch_norm_add_relu", "add_relu"]
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_tensor(fn: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_floating(fn: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{fn}: expected {name} of dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_same_device(fn: str, name: str, t: Tensor, input: Tensor) -> None:
+    if t.device != input.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but input is on {input.device}")
+
+
+def _check_residual(fn: str, input: Tensor, residual) -> None:
+    _check_tensor(fn, "residual", residual)
+    _check_floating(fn, "residual", residual)
+    if residual.shape != input.shape:
+        raise ValueError(f"{fn}: residual shape {tuple(residual.shape)} != input shape {tuple(input.shape)} "
+                         f"(no broadcasting)")
+    _check_same_device(fn, "residual", residual, input)
+
+
+def _check_number(fn: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: expected {name} to be a float, got {type(value).__name__}")
+
+
+def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bias, training, momentum,
+                           eps) -> None:
+    _check_tensor(fn, "input", input)
+    if input.dim() != 4:
+        raise ValueError(f"{fn}: expected a 4-D input (N, C, H, W), got a {input.dim()}-D tensor of shape "
+                         f"{tuple(input.shape)}")
+    _check_floating(fn, "input", input)
+    if not isinstance(training, bool):
+        raise TypeError(f"{fn}: expected training to be a bool, got {type(training).__name__}")
+    _check_number(fn, "momentum", momentum)
+    _check_number(fn, "eps", eps)
+    channels = input.shape[1]
+    allowed = (input.dtype, torch.float32) if input.dtype in _HALF else (input.dtype,)
+    given = {}
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        _check_tensor(fn, name, t)
+        if t.shape != (channels,):
+            raise ValueError(f"{fn}: expected {name} of shape ({channels},) for an input with {channels} "
+                             f"channels, got shape {tuple(t.shape)}")
+        if t.dtype not in allowed:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; with a {input.dtype} input the parameters and "
+                            f"buffers must be {' or '.join(str(d) for d in allowed)}")
+        _check_same_device(fn, name, t, input)
+        given[name] = t
+    if len({t.dtype for t in given.values()}) > 1:
+        raise TypeError(f"{fn}: parameters and buffers must share one dtype, got "
+                        + ", ".join(f"{name} {t.dtype}" for name, t in given.items()))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_var must be given in evaluation mode "
+                         f"(training=False)")
+    if training:
+        values_per_channel = input.numel() // channels if channels else 0
+        if values_per_channel == 1:
+            raise ValueError(f"{fn}: Expected more than 1 value per channel when training, got input size "
+                             f"{input.shape}")
+
+
+def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))``."""
+    _check_batch_norm_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training,
+                           momentum, eps)
+    return ops.batch_norm_act(input, None, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+                        eps: float = 1e-5) -> Tensor:
+    """``relu(F.batch_norm(input, ...) + residual)``; ``residual`` has input's shape, any float dtype, and the
+    result eager's promoted dtype."""
+    _check_batch_norm_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training,
+                           momentum, eps)
+    _check_residual("batch_norm_add_relu", input, residual)
+    return ops.batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def add_relu(input: Tensor, residual: Tensor) -> Tensor:
+    """``relu(input + residual)`` for two float tensors of the same shape (any rank, no broadcasting)."""
+    _check_tensor("add_relu", "input", input)
+    _check_floating("add_relu", "input", input)
+    _check_residual("add_relu", input, residual)
+    return ops.add_relu(input, residual)
