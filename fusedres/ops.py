@@ -172,11 +172,10 @@ def _batch_norm_act_backward(grad_output: Tensor, input: Tensor, output: Optiona
 def _backward_outputs(x, output, weight, bias, output_mask):
     """The gradient tensors batch_norm_act_backward returns (empty where not asked for)."""
     want_x, want_residual, want_weight, want_bias = output_mask
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if want_x else empty,
-            torch.empty_like(output) if (want_residual and output is not None) else empty,
-            torch.empty_like(weight) if (want_weight and weight is not None) else empty,
-            torch.empty_like(bias) if (want_bias and bias is not None) else empty)
+    return (torch.empty_like(x) if want_x else x.new_empty(0),  # outputs may not alias: one empty each
+            torch.empty_like(output) if (want_residual and output is not None) else x.new_empty(0),
+            torch.empty_like(weight) if (want_weight and weight is not None) else x.new_empty(0),
+            torch.empty_like(bias) if (want_bias and bias is not None) else x.new_empty(0))
 
 
 @_batch_norm_act_backward.register_fake

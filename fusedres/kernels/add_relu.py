@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._launch import INTERPRETING, accumulator_dtype, is_dense, launch, needs_int64
 
-_BLOCK = 8192 if INTERPRETING else 2048
+_BLOCK = 1024 if INTERPRETING else 2048
 
 
 @triton.jit

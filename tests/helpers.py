@@ -1,0 +1,77 @@
+"""Shared test helpers: the device under test, the tolerance table, reference computations and comparisons."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda") if torch.cuda.is_available() and not INTERPRETING else torch.device("cpu")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# One table for the whole suite: the dtype of the tensor compared -> tolerance against an fp64 reference.
+# Half types: one rounding of the result plus one ulp for the interpreter's truncating casts.
+# Never scaled by the reduction size.
+TOLERANCES = {
+    torch.float64: Tolerance(rtol=1e-9, atol=1e-9),
+    torch.float32: Tolerance(rtol=2e-5, atol=2e-5),
+    torch.float16: Tolerance(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: Tolerance(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype | None = None):
+    """Compare ``actual`` with the fp64 reference ``expected`` under the tolerance of ``dtype`` (default:
+    actual's dtype); on failure, report the worst element. NaN must match NaN, Inf must match Inf."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    same_nan = torch.isnan(a) == torch.isnan(e)
+    assert same_nan.all(), f"{what}: NaN at {(~same_nan).nonzero()[0].tolist()} differs from the reference"
+    finite = torch.isfinite(e)
+    assert torch.equal(a[~finite & ~torch.isnan(e)], e[~finite & ~torch.isnan(e)]), f"{what}: Inf mismatch"
+    a, e = a[finite], e[finite]
+    if a.numel() == 0:
+        return
+    excess = (a - e).abs() - (tol.atol + tol.rtol * e.abs())
+    worst = int(excess.argmax())
+    assert excess[worst] <= 0, (f"{what}: worst element {a[worst].item():.8g} vs reference {e[worst].item():.8g} "
+                                f"(|diff| {abs(a[worst] - e[worst]).item():.3g}, rtol {tol.rtol}, atol {tol.atol})")
+
+
+def make_input(shape, dtype, channels_last=False, scale=2.0, shift=0.5, generator=None):
+    """Fresh random input, never zeros: a nonzero mean and a non-unit spread per channel."""
+    x = torch.randn(shape, dtype=torch.float32, generator=generator) * scale + shift
+    x = x.to(dtype=dtype, device=DEVICE)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_params(channels, dtype, *, affine=True, buffers=True):
+    """(running_mean, running_var, weight, bias): fresh random values, None where not asked for."""
+    rm = (torch.randn(channels) * 0.5).to(dtype=dtype, device=DEVICE) if buffers else None
+    rv = (torch.rand(channels) + 0.5).to(dtype=dtype, device=DEVICE) if buffers else None
+    w = (torch.randn(channels) * 0.8 + 1.0).to(dtype=dtype, device=DEVICE) if affine else None
+    b = (torch.randn(channels) * 0.5).to(dtype=dtype, device=DEVICE) if affine else None
+    return rm, rv, w, b
+
+
+def fp64_copy(t, requires_grad=False):
+    if t is None:
+        return None
+    return t.detach().double().requires_grad_(requires_grad)
+
+
+def reference_batch_norm_act(x, residual, rm, rv, w, b, training, momentum=0.1, eps=1e-5):
+    """Eager PyTorch: relu(F.batch_norm(x) [+ residual]); running stats updated in place."""
+    y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    return torch.relu(y if residual is None else y + residual)
