@@ -90,11 +90,11 @@ def _bn_act_apply_kernel(
     """y = relu(x * scale + shift [+ residual]), statistics given (running ones, or the batch's)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
-    scale, shift, _, _ = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, offs_c, mask_c,
+    scale, shift, _mean, _invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, offs_c, mask_c,
                                          HAS_WEIGHT, HAS_BIAS, ACC)
     first = tl.program_id(1) * chunks_per_split
     for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, _ = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
+        mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
         x_offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
                                x_stride_channel, BLOCK_INNER, INT64)
         z = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC) * scale[None, :] + shift[None, :]
@@ -224,7 +224,7 @@ def _bn_act_backward_reduce_kernel(
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
     first = tl.program_id(1) * chunks_per_split
     for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, _ = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
+        mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
         x_offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
                                x_stride_channel, BLOCK_INNER, INT64)
         dy_offs = _tile_offsets(chunk, inner_blocks, offs_c, grad_y_stride_outer, grad_y_stride_inner,
@@ -298,7 +298,7 @@ def _bn_backward_dx_kernel(
     mean_dz_xhat = tl.load(sum_dz_xhat_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
     first = tl.program_id(1) * chunks_per_split
     for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, _ = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
+        mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
         x_offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
                                x_stride_channel, BLOCK_INNER, INT64)
         g_offs = _tile_offsets(chunk, inner_blocks, offs_c, grad_stride_outer, grad_stride_inner,

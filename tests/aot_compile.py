@@ -1,0 +1,189 @@
+"""Compile every kernel variant the launchers produce, ahead of time, for NVIDIA GPU targets, without a GPU.
+
+Triton's interpreter accepts code the GPU compiler rejects; this catches it. Run as a script in a process
+where TRITON_INTERPRET is not set (tests/test_aot_compile.py does): the launchers are called on meta tensors
+under ``recorded_launches()``, every launch they would make is turned into an ``ASTSource`` and compiled for
+each target.
+
+    python -m tests.aot_compile [--targets 90,80,89] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("tests/aot_compile.py: run without TRITON_INTERPRET=1 (it compiles for the GPU)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fusedres.kernels import add_relu as AK  # noqa: E402
+from fusedres.kernels import batch_norm as BK  # noqa: E402
+from fusedres.kernels import forced_int64, recorded_launches  # noqa: E402
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+          torch.int64: "i64", torch.int32: "i32"}
+META = torch.device("meta")
+
+# DESIGN.md's ResNet-50 batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
+SHAPES = [(128, c, hw, hw) for c, hw in [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
+                                         (1024, 14), (512, 7), (2048, 7)]] + [(3, 37, 5, 7), (1, 3, 1, 1)]
+
+
+def _spec(kernel, args: dict, num_warps: int):
+    """(kernel, signature, constexprs, num_warps) as the JIT would specialise this launch."""
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = args[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:  # the JIT specialises integers equal to 1
+                signature[param.name] = "constexpr"
+                constexprs[param.name] = 1
+            else:
+                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: cannot type argument {param.name}={value!r}")
+    return kernel, signature, constexprs, num_warps
+
+
+def _key(spec):
+    kernel, signature, constexprs, num_warps = spec
+    return (kernel.fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+            num_warps)
+
+
+def _tensor(shape, dtype, channels_last=False):
+    t = torch.empty(shape, dtype=dtype, device=META)
+    return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def record_variants(quick: bool) -> list:
+    """Call every launcher across dtypes, layouts, optional operands, shapes and the 64-bit switch."""
+    dtypes = [(torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+              (torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)]
+    shapes = SHAPES[-2:] + SHAPES[1:2] if quick else SHAPES
+    specs = {}
+    with recorded_launches() as launches:
+        for (dtype, param_dtype), shape, channels_last, int64 in itertools.product(
+                dtypes, shapes, (False, True), (False, True)):
+            if int64 and shape != SHAPES[-2]:
+                continue  # the 64-bit switch changes offsets only; one shape per variant is enough
+            context = forced_int64() if int64 else _nothing()
+            with context:
+                _call_launchers(shape, dtype, param_dtype, channels_last)
+    for kernel, args, num_warps in launches:
+        spec = _spec(kernel, args, num_warps)
+        specs.setdefault(_key(spec), spec)
+    return _covering_subset(list(specs.values()))
+
+
+def _features(spec) -> set:
+    """What a variant exercises in the compiler: each argument's type or constant, the whole set of boolean
+    switches, the tile, and the switches together with the data types."""
+    kernel, signature, constexprs, num_warps = spec
+    name = kernel.fn.__name__
+    switches = tuple(sorted((k, v) for k, v in constexprs.items() if isinstance(v, bool) or v is None))
+    tile = tuple(sorted((k, v) for k, v in constexprs.items() if k.startswith("BLOCK"))) + (num_warps,)
+    types = tuple(v for v in signature.values() if v.startswith("*")) + (str(constexprs.get("ACC")),)
+    features = {(name, k, signature[k], str(constexprs.get(k))) for k in signature}
+    features |= {(name, "switches", switches), (name, "tile", tile), (name, "switches+types", switches, types)}
+    return features
+
+
+def _covering_subset(specs: list) -> list:
+    """A small set of variants that together exercise every feature of every recorded variant (greedy)."""
+    features = [_features(spec) for spec in specs]
+    uncovered = set().union(*features)
+    chosen = []
+    while uncovered:
+        best = max(range(len(specs)), key=lambda i: len(features[i] & uncovered))
+        chosen.append(specs[best])
+        uncovered -= features[best]
+    return chosen
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _call_launchers(shape, dtype, param_dtype, channels_last):
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    c = shape[1]
+    x = _tensor(shape, dtype, channels_last)
+    y = _tensor(shape, dtype, channels_last)
+    vec = lambda dt=param_dtype: _tensor((c,), dt)  # noqa: E731
+    for residual, affine in itertools.product((None, _tensor(shape, dtype, channels_last)), (False, True)):
+        w, b = (vec(), vec()) if affine else (None, None)
+        BK.bn_act_apply(x, residual, vec(), vec(), w, b, 1e-5, y)
+        for training in (True, False):
+            mask_source = y if residual is not None else None
+            BK.bn_act_backward_reduce(
+                y, x, mask_source, vec(stats), vec(stats), w, b, 1e-5, sum_dz_out=vec(stats),
+                sum_dz_xhat_out=vec(stats), grad_z_out=_tensor(shape, dtype, channels_last) if residual is not None
+                else None, grad_x_out=None if training else _tensor(shape, dtype, channels_last),
+                grad_weight_out=vec() if affine else None, grad_bias_out=vec() if affine else None)
+        BK.bn_backward_dx(y, x, vec(stats), vec(stats), w, b, 1e-5, vec(stats), vec(stats),
+                          grad_is_dy=residual is None, grad_x_out=_tensor(shape, dtype, channels_last))
+    BK.bn_batch_stats(x, vec(stats), vec(stats))
+    for num_batches_tracked in (None, _tensor((), torch.int64)):
+        BK.update_running_stats(vec(), vec(), vec(stats), vec(stats), 0.1, 10, num_batches_tracked)
+    flat = _tensor((shape[0] * c * shape[2] * shape[3],), dtype)
+    AK.add_relu_forward(flat, _tensor(flat.shape, param_dtype), _tensor(flat.shape, param_dtype))
+    AK.relu_backward(flat, flat, _tensor(flat.shape, dtype))
+
+
+def _compile(job):
+    (module, name, signature, constexprs, num_warps), capability = job
+    kernel = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    try:
+        triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+        return None
+    except Exception as error:  # report every failure, not just the first
+        return f"{name} sm_{capability} {constexprs}: {type(error).__name__}: {error}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="90,80,89", help="compute capabilities, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    options = parser.parse_args(argv)
+    start = time.time()
+    specs = record_variants(options.quick)
+    capabilities = [int(t) for t in options.targets.split(",")]
+    # Kernels travel to the workers by name: a JITFunction does not pickle.
+    portable = [(k.fn.__module__, k.fn.__name__, sig, const, warps) for k, sig, const, warps in specs]
+    jobs = list(itertools.product(portable, capabilities))
+    with ProcessPoolExecutor(max_workers=options.jobs) as pool:
+        failures = [f for f in pool.map(_compile, jobs, chunksize=4) if f]
+    kernels = sorted({spec[0].fn.__name__ for spec in specs})
+    print(f"aot_compile: {len(specs)} variants of {len(kernels)} kernels x {len(capabilities)} targets "
+          f"(triton {triton.__version__}) in {time.time() - start:.0f} s: {len(failures)} failed")
+    for failure in failures:
+        print("FAILED", failure)
+    return 1 if failures or not specs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
