@@ -1,0 +1,115 @@
+"""What the benchmark measures: ResNet-50's batch-norm sites, the ops and modes, each provider's callable, and
+the floor bytes every provider's effective bandwidth is computed from (DESIGN.md's two-pass floors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (channels, height = width, what follows the batch-norm, how many times) in ResNet-50.
+RESNET50_SITES = [
+    (64, 112, "relu", 1), (64, 56, "relu", 6), (128, 56, "relu", 1), (256, 56, "add_relu", 3),
+    (128, 28, "relu", 7), (256, 28, "relu", 1), (512, 28, "add_relu", 4), (256, 14, "relu", 11),
+    (512, 14, "relu", 1), (1024, 14, "add_relu", 6), (512, 7, "relu", 5), (2048, 7, "add_relu", 3),
+]
+OPS = ("batch_norm_relu", "batch_norm_add_relu", "add_relu")
+MODES = ("inference", "train_forward", "backward", "forward_backward")
+
+# Bytes per element that the fused two-pass design must move (DESIGN.md); the same count for every provider.
+FLOOR_ELEMENT_BYTES = {
+    ("batch_norm_relu", "inference"): 2, ("batch_norm_relu", "train_forward"): 3,
+    ("batch_norm_relu", "backward"): 5, ("batch_norm_relu", "forward_backward"): 8,
+    ("batch_norm_add_relu", "inference"): 3, ("batch_norm_add_relu", "train_forward"): 4,
+    ("batch_norm_add_relu", "backward"): 7, ("batch_norm_add_relu", "forward_backward"): 11,
+    ("add_relu", "inference"): 3, ("add_relu", "train_forward"): 3,
+    ("add_relu", "backward"): 3, ("add_relu", "forward_backward"): 6,
+}
+
+
+def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return FLOOR_ELEMENT_BYTES[(op, mode)] * numel * torch.empty((), dtype=dtype).element_size()
+
+
+def eager_op(op: str, training: bool) -> Callable:
+    """The eager PyTorch composition a user writes today (the baseline, and what torch.compile compiles)."""
+    if op == "add_relu":
+        return lambda x, r, rm, rv, w, b: torch.relu(x + r)
+    if op == "batch_norm_relu":
+        return lambda x, r, rm, rv, w, b: torch.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5))
+    return lambda x, r, rm, rv, w, b: torch.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
+
+
+def fused_op(op: str, training: bool) -> Callable:
+    import fusedres.functional as FF  # imported late: the CLI decides on Triton's interpreter first
+
+    if op == "add_relu":
+        return lambda x, r, rm, rv, w, b: FF.add_relu(x, r)
+    if op == "batch_norm_relu":
+        return lambda x, r, rm, rv, w, b: FF.batch_norm_relu(x, rm, rv, w, b, training)
+    return lambda x, r, rm, rv, w, b: FF.batch_norm_add_relu(x, r, rm, rv, w, b, training)
+
+
+@dataclass
+class OpInputs:
+    x: torch.Tensor
+    r: torch.Tensor
+    rm: torch.Tensor
+    rv: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    grad: torch.Tensor
+
+    @property
+    def args(self):
+        return (self.x, self.r, self.rm, self.rv, self.w, self.b)
+
+    @property
+    def differentiable(self):
+        return [self.x, self.r, self.w, self.b]
+
+    def float64_copy(self) -> "OpInputs":
+        """The same values in float64 (the reference both providers are measured against)."""
+        copy = lambda t: t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+        return OpInputs(*(copy(t) for t in (self.x, self.r, self.rm, self.rv, self.w, self.b, self.grad)))
+
+
+def make_inputs(shape, dtype, channels_last: bool, device, requires_grad: bool, seed: int = 0) -> OpInputs:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def activation():
+        t = torch.randn(shape, generator=generator).to(device=device, dtype=dtype, memory_format=fmt)
+        return t.requires_grad_(requires_grad)
+
+    c = shape[1]
+    params = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    vec = lambda scale, shift: (torch.randn(c, generator=generator) * scale + shift).to(device, params)  # noqa
+    return OpInputs(activation(), activation(), vec(0.1, 0.0), vec(0.1, 1.0).abs(),
+                    vec(0.1, 1.0).requires_grad_(requires_grad), vec(0.1, 0.0).requires_grad_(requires_grad),
+                    activation().detach())
+
+
+def mode_callable(fn: Callable, mode: str, inputs: OpInputs) -> Callable:
+    """A no-argument callable running ``fn`` in ``mode`` on ``inputs``. ``backward`` times the backward alone:
+    the forward runs once here and its graph is kept."""
+    if mode == "inference":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs.args)
+        return run
+    if mode == "train_forward":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs.args)
+        return run
+    if mode == "forward_backward":
+        return lambda: torch.autograd.grad(fn(*inputs.args), inputs.differentiable, inputs.grad,
+                                           allow_unused=True)
+    out = fn(*inputs.args)
+    return lambda: torch.autograd.grad(out, inputs.differentiable, inputs.grad, retain_graph=True,
+                                       allow_unused=True)
