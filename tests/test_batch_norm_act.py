@@ -36,7 +36,7 @@ def _residual(case, x):
     if kind == "none":
         return None
     if kind == "other_dtype":
-        dtype = torch.float32 if x.dtype != torch.float32 else torch.float16
+        dtype = {torch.float32: torch.float64, torch.float64: torch.float32}.get(x.dtype, torch.float32)
         return make_input(x.shape, dtype, case["channels_last"])
     return make_input(x.shape, x.dtype, case["channels_last"] != (kind == "other_layout"))
 
@@ -189,6 +189,36 @@ def test_non_dense_input_gives_eager_layout(channels_last):
     assert y.stride() == ref.stride()
     assert_close(y, reference_batch_norm_act(fp64_copy(x), fp64_copy(r), fp64_copy(rm), fp64_copy(rv),
                                              fp64_copy(w), fp64_copy(b), False), "output")
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float16, torch.float64])
+def test_residual_of_another_dtype_promotes(residual_dtype):
+    x = make_input((2, 5, 3, 7), torch.float32).requires_grad_()
+    r = make_input(x.shape, residual_dtype).requires_grad_()
+    rm, rv, w, b = make_params(5, torch.float32)
+    y = FF.batch_norm_add_relu(x, r, rm, rv, w, b, training=True)
+    x64, r64 = fp64_copy(x, True), fp64_copy(r, True)
+    y64 = reference_batch_norm_act(x64, r64, None, None, fp64_copy(w), fp64_copy(b), True)
+    assert y.dtype == torch.promote_types(torch.float32, residual_dtype)
+    # the fp32 batch-norm rounds once as eager's does; the fp64 residual keeps its digits
+    assert_close(y, y64, "output", dtype=torch.float32)
+    y.backward(torch.ones_like(y))
+    y64.backward(torch.ones_like(y64))
+    assert r.grad.dtype == residual_dtype
+    assert_close(r.grad, r64.grad, "grad of residual")
+    assert_close(x.grad, x64.grad, "grad of input")
+
+
+def test_autocast_activations_with_float32_parameters():
+    conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False).to(DEVICE)
+    rm, rv, w, b = make_params(6, torch.float32)
+    x = make_input((2, 3, 6, 5), torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        h = conv(x)
+        y = FF.batch_norm_relu(h, rm.clone(), rv.clone(), w, b, training=True)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    ref = reference_batch_norm_act(fp64_copy(h), None, None, None, fp64_copy(w), fp64_copy(b), True)
+    assert_close(y, ref, "output")
 
 
 def test_double_backward_raises_clearly():

@@ -371,7 +371,9 @@ def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, **tiles)
         **_stride_args("residual", _strides(geometry, residual, "residual")),
         **_stride_args("y", _strides(geometry, out, "output")),
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC=accumulator_dtype(x.dtype), INT64=needs_int64(x, residual, out)), plan.num_warps)
+        # An fp64 residual makes an fp64 output: keep its precision, as eager's fp64 add does.
+        ACC=accumulator_dtype(torch.promote_types(x.dtype, out.dtype)), INT64=needs_int64(x, residual, out)),
+        plan.num_warps)
 
 
 def bn_batch_stats(x, mean_out, var_out, **tiles) -> None:
