@@ -144,6 +144,10 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
                 grad_weight_out=vec() if affine else None, grad_bias_out=vec() if affine else None)
         BK.bn_backward_dx(y, x, vec(stats), vec(stats), w, b, 1e-5, vec(stats), vec(stats),
                           grad_is_dy=residual is None, grad_x_out=_tensor(shape, dtype, channels_last))
+    # A residual of another dtype promotes the output (fp32 + fp64 computes in fp64).
+    other = {torch.float32: torch.float64}.get(dtype, torch.float32)
+    BK.bn_act_apply(x, _tensor(shape, other, channels_last), vec(), vec(), None, None, 1e-5,
+                    _tensor(shape, torch.promote_types(dtype, other), channels_last))
     BK.bn_batch_stats(x, vec(stats), vec(stats))
     for num_batches_tracked in (None, _tensor((), torch.int64)):
         BK.update_running_stats(vec(), vec(), vec(stats), vec(stats), 0.1, 10, num_batches_tracked)
