@@ -94,9 +94,8 @@ def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: 
                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))``."""
-    _check_batch_norm_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training,
+    return _batch_norm_act("batch_norm_relu", input, None, running_mean, running_var, weight, bias, training,
                            momentum, eps)
-    return ops.batch_norm_act(input, None, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
@@ -105,10 +104,9 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[
                         eps: float = 1e-5) -> Tensor:
     """``relu(F.batch_norm(input, ...) + residual)``; ``residual`` has input's shape, any float dtype, and the
     result eager's promoted dtype."""
-    _check_batch_norm_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training,
-                           momentum, eps)
-    _check_residual("batch_norm_add_relu", input, residual)
-    return ops.batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_tensor("batch_norm_add_relu", "residual", residual)
+    return _batch_norm_act("batch_norm_add_relu", input, residual, running_mean, running_var, weight, bias,
+                           training, momentum, eps)
 
 
 def add_relu(input: Tensor, residual: Tensor) -> Tensor:
@@ -117,3 +115,14 @@ def add_relu(input: Tensor, residual: Tensor) -> Tensor:
     _check_floating("add_relu", "input", input)
     _check_residual("add_relu", input, residual)
     return ops.add_relu(input, residual)
+
+
+def _batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                    num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """Validate (errors name ``fn``), then relu(batch_norm(input) [+ residual]). ``num_batches_tracked``
+    (already incremented) selects nn.BatchNorm2d's cumulative average (momentum=None), computed on the device."""
+    _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        _check_residual(fn, input, residual)
+    return ops.batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                              num_batches_tracked)

@@ -75,3 +75,34 @@ def reference_batch_norm_act(x, residual, rm, rv, w, b, training, momentum=0.1, 
     """Eager PyTorch: relu(F.batch_norm(x) [+ residual]); running stats updated in place."""
     y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     return torch.relu(y if residual is None else y + residual)
+
+
+def randomize_batch_norms(model: torch.nn.Module, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """Give every batch-norm random affine parameters and running statistics, so that no fused site is an
+    identity in eval mode."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                if module.affine:
+                    module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
+                if module.track_running_stats:
+                    module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.3)
+                    module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model
+
+
+def assert_models_match(fused: torch.nn.Module, reference: torch.nn.Module, what: str) -> None:
+    """Every parameter's gradient and every buffer of ``fused`` against ``reference`` (the same structure)."""
+    fused_params, ref_params = dict(fused.named_parameters()), dict(reference.named_parameters())
+    assert fused_params.keys() == ref_params.keys()
+    for name, param in fused_params.items():
+        if ref_params[name].grad is not None:
+            assert_close(param.grad, ref_params[name].grad, f"{what}: grad of {name}")
+        assert_close(param, ref_params[name], f"{what}: {name}")
+    ref_buffers = dict(reference.named_buffers())
+    for name, buffer in fused.named_buffers():
+        if buffer.dtype.is_floating_point:
+            assert_close(buffer, ref_buffers[name], f"{what}: {name}")
+        else:
+            assert torch.equal(buffer, ref_buffers[name]), f"{what}: {name}"
