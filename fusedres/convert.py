@@ -197,8 +197,8 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
         graph = _Tracer().trace(module)
     except Exception as error:  # any reason a forward cannot be traced
         if _owns_batch_norm(module):
-            not_analysed.append(f"{label} ({type(module).__name__}): not traceable: "
-                                f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            not_analysed.append((name, f"{label} ({type(module).__name__}): not traceable: "
+                                       f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
         return
     sites = _find_sites(module, graph, holders)
     if not sites:
@@ -216,14 +216,15 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
                              _parent_and_name(site.relu.target)[1])
         for site in sites:
             if site not in swappable:
-                not_analysed.append(f"{label}.{site.batch_norm.target} ({type(module).__name__}): left unfused: "
-                                    f"{reason}")
+                not_analysed.append((name, f"{label}.{site.batch_norm.target} ({type(module).__name__}): "
+                                           f"left unfused: {reason}"))
         return
     for site in sites:
         BatchNormReLU2d.fuse(module.get_submodule(site.batch_norm.target),
                              BATCH_NORM_RELU if site.add is None else BATCH_NORM_ADD_RELU)
-    module.__dict__["_fusedres_forward_source"] = _rewrite_forward(module, graph, sites)
+    source = _rewrite_forward(module, graph, sites)
     module.__class__ = fused_class(type(module))
+    module.set_forward_source(source)
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -251,14 +252,17 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for _, parent in model.named_modules(remove_duplicate=False):
         for child in parent.children():
             holders[id(child)] = holders.get(id(child), 0) + 1
-    not_analysed: list[str] = []
-    for name, module in reversed(list(model.named_modules())):  # children before their parents
+    not_analysed: list[tuple[str, str]] = []  # (module name, what and why)
+    modules = list(model.named_modules())
+    for name, module in reversed(modules):  # children before their parents
         fused_seed_class = FUSED_SEED_CLASSES.get(type(module))
         if fused_seed_class is not None:
             fused_seed_class.fuse(module)
         elif _is_candidate(module):
             _convert_module(name, module, holders, not_analysed)
-    model.__dict__["_fusedres_not_analysed"] = not_analysed
+    order = {name: index for index, (name, _) in enumerate(modules)}
+    model.__dict__["_fusedres_not_analysed"] = [text for name, text in sorted(not_analysed,
+                                                                             key=lambda e: order[e[0]])]
     return model
 
 
@@ -272,6 +276,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         unfused = getattr(type(module), "_fusedres_unfused_class", None)
         if unfused is not None:
             module.__dict__.pop("_fusedres_forward_source", None)
+            module.__dict__.pop("_fusedres_forward", None)
             module.__class__ = unfused
         if isinstance(module, BatchNormReLU2d) and "fused_pattern" in module.__dict__:
             BatchNormReLU2d.unfuse(module)

@@ -14,12 +14,28 @@ _forwards: dict[str, object] = {}
 
 
 class ConvertedForward:
-    """Mixin of the converted classes: forward runs ``self._fusedres_forward_source``."""
+    """Mixin of the converted classes: forward runs the function compiled from
+    ``self._fusedres_forward_source``. The source is what pickles; the function is rebuilt on unpickling (and
+    deep copies), so that forward never compiles anything, which torch.compile could not trace."""
 
     _fusedres_unfused_class: type
 
     def forward(self, *args, **kwargs):
-        return compiled_forward(self.__dict__["_fusedres_forward_source"])(self, *args, **kwargs)
+        return self.__dict__["_fusedres_forward"](self, *args, **kwargs)
+
+    def set_forward_source(self, source: str) -> None:
+        self.__dict__["_fusedres_forward_source"] = source
+        self.__dict__["_fusedres_forward"] = compiled_forward(source)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_fusedres_forward", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.set_forward_source(state["_fusedres_forward_source"])
 
 
 def compiled_forward(source: str):

@@ -103,6 +103,7 @@ class ReLUFusedAway(nn.Identity):
         self.__dict__["relu"] = relu
         self.__dict__["parent"] = parent
         self.__dict__["batch_norm_name"] = batch_norm_name
+        self.training = relu.training
 
     def forward(self, input: Tensor) -> Tensor:
         batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])

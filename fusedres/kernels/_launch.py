@@ -161,7 +161,7 @@ class TilePlan:
 _TARGET_PROGRAMS = 1024
 _TARGET_PROGRAMS_INTERPRETED = 4
 _TILE_ELEMENTS = 4096
-_TILE_ELEMENTS_INTERPRETED = 1024
+_TILE_ELEMENTS_INTERPRETED = 4096
 
 
 def plan_tiles(geometry: ChannelGeometry, channels_contiguous: bool, *, block_inner: int | None = None,
