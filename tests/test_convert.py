@@ -266,12 +266,12 @@ def test_batch_norm_replacing_tools_never_drop_the_relu():
     expected = plain(x)
     for tool in (nn.SyncBatchNorm.convert_sync_batchnorm, timm_layers.freeze_batch_norm_2d):
         fused = fusedres.convert(plain)
+        fusedres.modules._warned.clear()  # the warning is given once per replacing module type
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rebuilt = tool(fused).eval()
-            assert_close(rebuilt(x), expected, f"output after {tool.__name__}")
-        assert any("fused batch-norm was replaced" in str(w.message) for w in caught) or \
-            not fusedres.conversion_report(rebuilt)["batch_norm_relu"], "silently unfused"
+            assert_close(rebuilt(x), expected, f"output after {tool.__name__}", tolerance=MODEL_TOLERANCE)
+        assert any("fused batch-norm was replaced" in str(w.message) for w in caught), "silently unfused"
 
 
 def test_torch_compile_traces_a_converted_model_without_graph_breaks():
