@@ -96,7 +96,7 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
         values = {f"{r['op']} {r['mode']}\n{r['shape']}": (r.get("speedup_vs_eager") if timed
                                                             else r["max_abs_error"])
                   for r in shown if r["provider"] == provider}
-        axes.bar([i + 0.4 * offset for i in range(len(labels))], [values.get(l, 0) for l in labels], width=0.4,
+        axes.bar([i + 0.4 * offset for i in range(len(labels))], [values.get(label, 0) for label in labels], width=0.4,
                  label=provider)
     if timed:
         axes.axhline(1.0, color="grey", linewidth=0.8)

@@ -40,7 +40,8 @@ def _relu_backward_kernel(grad_y_ptr, y_ptr, grad_z_ptr, numel, BLOCK: tl.conste
     offs = start * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0)
-    keep = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) > 0  # bf16 compared raw is wrong in the interpreter
+    # (compared in fp32: the interpreter compares raw bf16 wrongly)
+    keep = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) > 0
     tl.store(grad_z_ptr + offs, tl.where(keep, dy, 0.0).to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 

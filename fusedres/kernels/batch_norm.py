@@ -90,8 +90,8 @@ def _bn_act_apply_kernel(
     """y = relu(x * scale + shift [+ residual]), statistics given (running ones, or the batch's)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
-    scale, shift, _mean, _invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, offs_c, mask_c,
-                                         HAS_WEIGHT, HAS_BIAS, ACC)
+    scale, shift, _mean, _invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
+                                                   offs_c, mask_c, HAS_WEIGHT, HAS_BIAS, ACC)
     first = tl.program_id(1) * chunks_per_split
     for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
         mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
@@ -201,8 +201,8 @@ def _update_running_stats_kernel(
 
 @triton.jit
 def _bn_act_backward_reduce_kernel(
-    grad_y_ptr, x_ptr, y_ptr, grad_z_ptr, grad_x_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
-    partial_sum_dz_ptr, partial_sum_dz_xhat_ptr,
+    grad_y_ptr, x_ptr, y_ptr, grad_z_ptr, grad_x_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
+    eps, eps_residue, partial_sum_dz_ptr, partial_sum_dz_xhat_ptr,
     channels, inner, inner_blocks, chunks, chunks_per_split,
     grad_y_stride_outer, grad_y_stride_inner, grad_y_stride_channel,
     x_stride_outer, x_stride_inner, x_stride_channel,
@@ -218,8 +218,8 @@ def _bn_act_backward_reduce_kernel(
     backward in this one pass) are written when asked; both have y's strides."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
-    scale, shift, mean, invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, offs_c, mask_c,
-                                                 HAS_WEIGHT, HAS_BIAS, ACC)
+    scale, shift, mean, invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
+                                                 offs_c, mask_c, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
     first = tl.program_id(1) * chunks_per_split
@@ -278,8 +278,8 @@ def _bn_backward_finalize_kernel(
 
 @triton.jit
 def _bn_backward_dx_kernel(
-    grad_ptr, x_ptr, grad_x_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, sum_dz_ptr, sum_dz_xhat_ptr,
-    count, channels, inner, inner_blocks, chunks, chunks_per_split,
+    grad_ptr, x_ptr, grad_x_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
+    sum_dz_ptr, sum_dz_xhat_ptr, count, channels, inner, inner_blocks, chunks, chunks_per_split,
     grad_stride_outer, grad_stride_inner, grad_stride_channel,
     x_stride_outer, x_stride_inner, x_stride_channel,
     grad_x_stride_outer, grad_x_stride_inner, grad_x_stride_channel,
@@ -291,8 +291,8 @@ def _bn_backward_dx_kernel(
     ``grad`` is dz itself, or dy when GRAD_IS_DY, the ReLU mask then recomputed from x as in the forward."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
-    scale, shift, mean, invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, offs_c, mask_c,
-                                                 HAS_WEIGHT, HAS_BIAS, ACC)
+    scale, shift, mean, invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
+                                                 offs_c, mask_c, HAS_WEIGHT, HAS_BIAS, ACC)
     inv_count = 1.0 / tl.cast(count, ACC)  # in-kernel, so that fp64 keeps fp64 (a float argument is fp32)
     mean_dz = tl.load(sum_dz_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
     mean_dz_xhat = tl.load(sum_dz_xhat_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
@@ -445,7 +445,8 @@ def bn_backward_dx(grad, x, mean, var, weight, bias, eps: float, sum_dz, sum_dz_
     geometry, plan = _plan(x, **tiles)
     launch(_bn_backward_dx_kernel, plan.grid, dict(
         grad_ptr=grad, x_ptr=x, grad_x_ptr=grad_x_out, mean_ptr=mean, var_ptr=var, weight_ptr=weight,
-        bias_ptr=bias, **_eps_args(eps), sum_dz_ptr=sum_dz, sum_dz_xhat_ptr=sum_dz_xhat, count=geometry.outer * geometry.inner,
+        bias_ptr=bias, **_eps_args(eps), sum_dz_ptr=sum_dz, sum_dz_xhat_ptr=sum_dz_xhat,
+        count=geometry.outer * geometry.inner,
         **_walk_args(geometry, plan), **_stride_args("grad", _strides(geometry, grad, "gradient")),
         **_stride_args("x", _strides(geometry, x, "input")),
         **_stride_args("grad_x", _strides(geometry, grad_x_out, "grad_input")),
