@@ -17,7 +17,8 @@ pytest.importorskip("matplotlib", reason="the benchmark writes a PNG plot")
 
 
 def test_ops_suite_quick_cpu_run(tmp_path, capsys):
-    assert cli.main(["--quick", "--dtype", "fp32", "--layout", "channels_last,nchw", "--out", str(tmp_path)]) == 0
+    assert cli.main(["--quick", "--suite", "ops", "--dtype", "fp32", "--layout", "channels_last,nchw",
+                     "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "CPU run" in printed and "| op |" in printed
     data = json.loads((tmp_path / "results.json").read_text())
@@ -39,3 +40,23 @@ def test_ops_suite_quick_cpu_run(tmp_path, capsys):
         else:
             assert row["provider"] == "fusedres" and row["ms"] is None, "interpreter times are not speed"
             assert 0 <= row["max_abs_error"] < 1e-3, row
+
+
+def test_blocks_models_and_numerics_quick_cpu_run(tmp_path):
+    assert cli.main(["--quick", "--suite", "blocks,models,numerics", "--dtype", "fp32", "--numerics-steps", "2",
+                     "--numerics-batch-size", "4", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    levels = {(r["level"], r["op"], r["mode"]) for r in rows}
+    assert {("block", "seed.BasicBlock", "inference"), ("block", "torchvision.Bottleneck", "forward_backward"),
+            ("model", "torchvision.resnet18", "inference"), ("model", "torchvision.resnet18", "train_step"),
+            ("numerics", "seed.SmallResNet on digits", "train 2 steps")} <= levels
+    for row in rows:
+        if row["provider"] == "fusedres":
+            assert row["ms"] is None and row["max_abs_error"] is not None
+            assert row["max_abs_error"] < (1e-2 if row["level"] != "numerics" else 1e-1), row
+        elif row["level"] != "numerics":
+            assert row["ms"] > 0 and row["gbps"] is None, "GB/s is defined for ops only"
+    numerics = json.loads((tmp_path / "numerics.json").read_text())
+    assert set(numerics["losses"]) == {"eager", "fusedres", "eager float64"}
+    assert len(numerics["losses"]["fusedres"]) == 2
+    assert (tmp_path / "numerics.png").stat().st_size > 1000 and (tmp_path / "speedup.png").exists()

@@ -17,27 +17,40 @@ import time
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PROVIDERS = ("eager", "compile", "fusedres")
+SUITES = ("ops", "blocks", "models", "numerics")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fusedres-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["ops"], default="ops", help="what to measure")
-    parser.add_argument("--dtype", default="bf16", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated: " + ", ".join(SUITES))
+    parser.add_argument("--dtype", default="bf16", help="comma-separated: bf16, fp16, fp32 (blocks and models run "
+                                                         "half types under autocast)")
     parser.add_argument("--layout", default="channels_last", help="comma-separated: channels_last, nchw")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on a GPU, 2 on a CPU")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated: " + ", ".join(PROVIDERS))
     parser.add_argument("--ops", default="batch_norm_relu,batch_norm_add_relu,add_relu")
-    parser.add_argument("--modes", default="inference,train_forward,backward,forward_backward")
-    parser.add_argument("--quick", action="store_true", help="a few shapes, short timings")
+    parser.add_argument("--modes", default="inference,train_forward,backward,forward_backward",
+                        help="modes of the ops suite")
+    parser.add_argument("--numerics-steps", type=int, default=None, help="default: 100 on a GPU, 4 on a CPU")
+    parser.add_argument("--numerics-batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on a CPU")
+    parser.add_argument("--quick", action="store_true", help="a few shapes and blocks, short timings")
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="results folder (default: fusedres-bench-results/<device>-<date>)")
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up, in milliseconds")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time, in milliseconds")
     return parser.parse_args(argv)
 
 
 def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _choose(option: str, given: str, allowed) -> list[str]:
+    chosen = _split(given)
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown or not chosen:
+        sys.exit(f"fusedres-bench: --{option} {given!r}: unknown {unknown}; choose from {', '.join(allowed)}")
+    return chosen
 
 
 def main(argv=None) -> int:
@@ -53,38 +66,57 @@ def main(argv=None) -> int:
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "fusedres.benchmark.cli", *args], env)
     from . import environment, report
-    from .ops_suite import run_ops
+    from .runner import Settings
 
-    device = torch.device("cuda" if on_gpu else "cpu")
-    env = environment.collect(device)
-    providers = [p for p in _split(options.providers) if p in PROVIDERS]
-    unknown = set(_split(options.providers)) - set(PROVIDERS)
-    if unknown:
-        sys.exit(f"fusedres-bench: unknown providers {sorted(unknown)}; choose from {PROVIDERS}")
+    suites = _choose("suite", options.suite, SUITES)
+    providers = _choose("providers", options.providers, PROVIDERS)
     if not on_gpu:
         providers = [p for p in providers if p != "compile"]  # inductor on a CPU says nothing about GPUs
-    dtypes = [getattr(torch, DTYPES[d]) for d in _split(options.dtype)]
-    layouts = _split(options.layout)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    settings = Settings(device=device, dtypes=[getattr(torch, DTYPES[d]) for d in _choose("dtype", options.dtype,
+                                                                                         DTYPES)],
+                        layouts=_choose("layout", options.layout, ("channels_last", "nchw")), providers=providers,
+                        batch_size=options.batch_size or (128 if on_gpu else 2), quick=options.quick,
+                        warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+    env = environment.collect(device)
     out = options.out or pathlib.Path("fusedres-bench-results") / (
-        re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-") + "-"
-        + datetime.date.today().isoformat())
+        re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-") + "-" + datetime.date.today().isoformat())
     started = time.time()
     copy_gbps = None
     if on_gpu:
         from .timing import copy_bandwidth_gbps
 
         copy_gbps = copy_bandwidth_gbps(device)
-    rows = run_ops(device, dtypes=dtypes, layouts=layouts, providers=providers, ops=_split(options.ops),
-                   modes=_split(options.modes), batch_size=options.batch_size or (128 if on_gpu else 2),
-                   quick=options.quick, warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+    rows = []
+    if "ops" in suites:
+        from .ops_suite import run_ops
+
+        rows += run_ops(settings, ops=_choose("ops", options.ops, ("batch_norm_relu", "batch_norm_add_relu",
+                                                                    "add_relu")),
+                        modes=_choose("modes", options.modes, ("inference", "train_forward", "backward",
+                                                               "forward_backward")))
+    if "blocks" in suites:
+        from .blocks_suite import run_blocks
+
+        rows += run_blocks(settings)
+    if "models" in suites:
+        from .blocks_suite import run_models
+
+        rows += run_models(settings)
+    if "numerics" in suites:
+        from dataclasses import replace
+
+        from .numerics import run_numerics
+
+        numerics = replace(settings, batch_size=options.numerics_batch_size or (64 if on_gpu else 8))
+        rows += run_numerics(numerics, options.numerics_steps or (100 if on_gpu else 4), out)
     report.add_derived(rows, copy_gbps)
-    title = (f"fusedres-bench ops · {env['device']}" if on_gpu else
-             "fusedres-bench ops · CPU run: eager timed on the CPU; fusedres run in Triton's interpreter, "
-             "checked against eager, not timed")
-    summary = report.write_all(rows, env, out, copy_gbps=copy_gbps, title=title)
+    where = env["device"] if on_gpu else ("CPU run: eager timed on the CPU; fusedres run in Triton's interpreter, "
+                                          "checked against eager, not timed")
+    summary = report.write_all(rows, env, out, copy_gbps=copy_gbps, title=f"fusedres-bench · {where}")
     print(summary)
-    print(f"fusedres-bench: {len(rows)} rows in {time.time() - started:.0f} s -> {out}/results.json, "
-          f"results.csv, summary.md, speedup.png")
+    print(f"fusedres-bench: {len(rows)} rows in {time.time() - started:.0f} s -> {out}/ results.json, "
+          f"results.csv, summary.md, speedup.png" + (", numerics.png" if "numerics" in suites else ""))
     return 0
 
 

@@ -2,12 +2,11 @@
 batch-norm shapes, for each provider, interleaved case by case."""
 from __future__ import annotations
 
-import time
-
 import torch
 
-from .cases import RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable
-from .timing import copies_needed, cpu_time, gpu_time, rotating
+from .cases import MODES, OPS, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable
+from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
+                     progress)
 
 QUICK_SITES = [(64, 56, "relu", 6), (256, 14, "relu", 11), (512, 28, "add_relu", 4), (2048, 7, "add_relu", 3)]
 
@@ -22,114 +21,58 @@ def op_shapes(op: str, batch_size: int, on_gpu: bool, quick: bool) -> list[tuple
     return [(batch_size, c, hw, hw) for c, hw in dict.fromkeys(sites)]
 
 
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="fusedres-bench", unit="case")
-    except ImportError:
-        class Plain:
-            def __init__(self):
-                self.done = 0
-
-            def update(self, n=1):
-                self.done += n
-                print(f"\rfusedres-bench: {self.done}/{total} cases", end="", flush=True)
-
-            def close(self):
-                print()
-        return Plain()
-
-
-def _build(provider: str, op: str, training: bool):
-    if provider == "fusedres":
-        return fused_op(op, training), None
-    fn = eager_op(op, training)
-    if provider == "eager":
-        return fn, None
-    torch._dynamo.reset()  # a fresh cache per case: the recompile limit must never turn compile into eager
-    return torch.compile(fn, dynamic=False), "compile"
-
-
-def run_ops(device: torch.device, *, dtypes, layouts, providers, ops, modes, batch_size: int, quick: bool,
-            warmup_ms: float, rep_ms: float) -> list[dict]:
-    on_gpu = device.type == "cuda"
-    cases = [(op, shape, dtype, layout, mode) for op in ops for dtype in dtypes for layout in layouts
-             for shape in op_shapes(op, batch_size, on_gpu, quick) for mode in modes]
-    progress = _progress(len(cases))
+def run_ops(settings: Settings, ops=OPS, modes=MODES) -> list[dict]:
+    cases = [(op, shape, dtype, layout, mode) for op in ops for dtype in settings.dtypes
+             for layout in settings.layouts for shape in op_shapes(op, settings.batch_size, settings.on_gpu,
+                                                                   settings.quick) for mode in modes]
+    bar = progress(len(cases), "ops")
     rows = []
     for op, shape, dtype, layout, mode in cases:
-        base = dict(level="op", op=op, mode=mode, shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1],
+        base = dict(level="op", op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name(dtype),
                     layout=layout, floor_bytes=floor_bytes(op, mode, shape, dtype))
-        channels_last = layout == "channels_last"
-        training = mode != "inference"
-        requires_grad = mode in ("backward", "forward_backward")
-        if on_gpu:
-            rows += [_gpu_row(base, provider, op, mode, training, shape, dtype, channels_last, requires_grad,
-                              device, warmup_ms, rep_ms) for provider in providers]
-        else:
-            rows += _cpu_rows(base, providers, op, mode, training, shape, dtype, channels_last, requires_grad,
-                              quick)
-        progress.update(1)
-    progress.close()
+        spec = (op, mode, shape, dtype, layout == "channels_last")
+        rows += _gpu_rows(base, spec, settings) if settings.on_gpu else _cpu_rows(base, spec, settings)
+        bar.update(1)
+    bar.close()
     return rows
 
 
-def _gpu_row(base, provider, op, mode, training, shape, dtype, channels_last, requires_grad, device, warmup_ms,
-             rep_ms) -> dict:
-    row = dict(base, provider=provider)
-    try:
-        fn, kind = _build(provider, op, training)
-        make = lambda seed: mode_callable(fn, mode, make_inputs(shape, dtype, channels_last, device,  # noqa
-                                                                requires_grad, seed))
-        if kind == "compile":
-            started = time.perf_counter()
-            make(0)()
-            torch.cuda.synchronize()
-            row["compile_s"] = time.perf_counter() - started
-        element_bytes = torch.empty((), dtype=dtype).element_size()
-        tensor_bytes = element_bytes * shape[0] * shape[1] * shape[2] * shape[3]
-        run = rotating(make, copies_needed(tensor_bytes, device))
-        timing = gpu_time(run, warmup_ms=warmup_ms, rep_ms=rep_ms)
-        row.update(ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, timer=timing.timer)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize()
-        row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    except Exception as error:  # one failing provider must not sink the sweep
-        row["note"] = f"{provider} {op} {mode} failed: {type(error).__name__}: {str(error)[:160]}"
-    return row
+def _inputs(spec, device, seed=0):
+    op, mode, shape, dtype, channels_last = spec
+    return make_inputs(shape, dtype, channels_last, device, mode in ("backward", "forward_backward"), seed)
 
 
-def _outputs(result):
-    if isinstance(result, torch.Tensor):
-        return [result]
-    return [t for t in result if t is not None]
+def _gpu_rows(base, spec, settings: Settings) -> list[dict]:
+    op, mode, shape, dtype, _ = spec
+    training = mode != "inference"
+    rows = []
+    for provider in settings.providers:
+        if provider == "fusedres":
+            fn = fused_op(op, training)
+        else:
+            fn = eager_op(op, training)
+            fn = fresh_compile(fn) if provider == "compile" else fn
+        make = lambda seed, fn=fn: mode_callable(fn, mode, _inputs(spec, settings.device, seed))  # noqa: E731
+        input_bytes = torch.empty((), dtype=dtype).element_size() * torch.Size(shape).numel()
+        rows.append(measure_gpu(dict(base, provider=provider), make, settings, compiled=provider == "compile",
+                                input_bytes=input_bytes))
+    return rows
 
 
-def _max_error(result, reference) -> float:
-    return max((float((a.double() - b).abs().nan_to_num(0.0).max()) if a.numel() else 0.0
-                for a, b in zip(_outputs(result), _outputs(reference))), default=0.0)
-
-
-def _cpu_rows(base, providers, op, mode, training, shape, dtype, channels_last, requires_grad, quick) -> list:
+def _cpu_rows(base, spec, settings: Settings) -> list[dict]:
     """Both providers against eager PyTorch on float64 copies of the same inputs; eager timed on the CPU,
     fusedres run once in the interpreter (its time is not speed, so it is not reported)."""
-    cpu = torch.device("cpu")
-    inputs = lambda: make_inputs(shape, dtype, channels_last, cpu, requires_grad)  # noqa: E731 (same seed)
-    reference = mode_callable(eager_op(op, training), mode, inputs().float64_copy())()
+    op, mode, *_ = spec
+    training = mode != "inference"
+    cpu = settings.device
+    reference = mode_callable(eager_op(op, training), mode, _inputs(spec, cpu).float64_copy())()
     rows = []
-    if "eager" in providers:
-        error = _max_error(mode_callable(eager_op(op, training), mode, inputs())(), reference)
-        timing = cpu_time(mode_callable(eager_op(op, training), mode, inputs()),
-                          min_run_time=0.05 if quick else 0.2)
-        rows.append(dict(base, provider="eager", ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80,
-                         timer=timing.timer, max_abs_error=error))
-    if "fusedres" in providers:
-        error = _max_error(mode_callable(fused_op(op, training), mode, inputs())(), reference)
+    if "eager" in settings.providers:
+        error = max_error(mode_callable(eager_op(op, training), mode, _inputs(spec, cpu))(), reference)
+        rows.append(measure_cpu(dict(base, provider="eager", max_abs_error=error),
+                                mode_callable(eager_op(op, training), mode, _inputs(spec, cpu)), settings))
+    if "fusedres" in settings.providers:
+        error = max_error(mode_callable(fused_op(op, training), mode, _inputs(spec, cpu))(), reference)
         rows.append(dict(base, provider="fusedres", max_abs_error=error, timer="interpreter (not timed)",
-                         note="CPU run: fusedres ran in Triton's interpreter; its error against eager PyTorch on "
-                              "float64 copies of the inputs is reported, not its time"))
+                         note=INTERPRETER_NOTE))
     return rows

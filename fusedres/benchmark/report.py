@@ -7,8 +7,8 @@ import json
 import pathlib
 
 ROW_FIELDS = ["level", "op", "mode", "shape", "dtype", "layout", "provider", "ms", "ms_p20", "ms_p80", "timer",
-              "floor_bytes", "gbps", "pct_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_mb",
-              "compile_s", "max_abs_error", "note"]
+              "floor_bytes", "gbps", "pct_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "images_per_s",
+              "peak_mem_mb", "compile_s", "max_abs_error", "note"]
 ENV_FIELDS = ["device", "driver", "cuda", "torch", "triton", "cudnn", "fusedres", "git_commit", "python", "date"]
 
 
@@ -19,10 +19,11 @@ def add_derived(rows: list[dict], copy_gbps: float | None) -> None:
         by_case.setdefault(_case_key(row), {})[row["provider"]] = row
     for row in rows:
         ms = row.get("ms")
-        if ms:
+        if ms and row.get("floor_bytes"):  # ops only: blocks and models have no floor byte count
             row["gbps"] = row["floor_bytes"] / (ms * 1e-3) / 1e9
             if copy_gbps:
                 row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+        if ms:
             peers = by_case[_case_key(row)]
             for name, field in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
                 if peers.get(name, {}).get("ms"):
@@ -62,8 +63,9 @@ def markdown_summary(rows: list[dict], environment: dict, copy_gbps: float | Non
     for row in rows:
         cases.setdefault(_case_key(row), {})[row["provider"]] = row
     lines += ["| level | op | mode | shape | dtype | layout | eager ms | compile ms | fusedres ms | fusedres GB/s "
-              "| % copy BW | x eager | x compile | eager max err | fusedres max err |",
-              "|" + "---|" * 15]
+              "| % copy BW | x eager | x compile | fusedres img/s | eager MB | fusedres MB | eager max err "
+              "| fusedres max err |",
+              "|" + "---|" * 18]
     for key, providers in cases.items():
         eager, compiled, fused = (providers.get(p, {}) for p in ("eager", "compile", "fusedres"))
         lines.append("| " + " | ".join([*map(str, key), _fmt(eager.get("ms")), _fmt(compiled.get("ms")),
@@ -71,6 +73,8 @@ def markdown_summary(rows: list[dict], environment: dict, copy_gbps: float | Non
                                         _fmt(fused.get("pct_copy_bw"), ".0f"),
                                         _fmt(fused.get("speedup_vs_eager"), ".2f"),
                                         _fmt(fused.get("speedup_vs_compile"), ".2f"),
+                                        _fmt(fused.get("images_per_s"), ".0f"), _fmt(eager.get("peak_mem_mb"), ".0f"),
+                                        _fmt(fused.get("peak_mem_mb"), ".0f"),
                                         _fmt(eager.get("max_abs_error"), ".2e"),
                                         _fmt(fused.get("max_abs_error"), ".2e")]) + " |")
     notes = sorted({row["note"] for row in rows if row.get("note")})
