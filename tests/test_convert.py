@@ -102,6 +102,10 @@ def test_every_torchvision_resnet_site_is_fused(make, relu_sites, add_sites):
                                              "layer4.0.downsample.1"]),
     # drop-block between bn2 and its ReLU in layer3 and layer4 (9 blocks): those bn2 stay unfused
     ("resnet50", {"drop_block_rate": 0.1}, 33 - 9, 16),
+    # squeeze-excitation between bn2 and the add: only the projection shortcuts' batch-norms take the add
+    ("seresnet18", {}, 9, ["layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"]),
+    # anti-aliasing pools after act2: every site stays fusable
+    ("resnetaa50", {}, 33, 16),
 ])
 def test_timm_resnets_convert_where_exact(name, kwargs, relu_sites, add_sites):
     model = randomize_batch_norms(_timm(name, num_classes=10, **kwargs)).to(torch.float64).eval()

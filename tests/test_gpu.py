@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fusedres
 import fusedres.functional as FF
 from tests.helpers import INTERPRETING, assert_close, fp64_copy, make_input, make_params, reference_batch_norm_act
 
@@ -76,9 +77,13 @@ def test_no_host_synchronisation():
     _training_step(x, r, rm, rv, w, b, grad)  # compile the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
+    module = fusedres.BatchNormReLU2d(x.shape[1], momentum=None).cuda()  # cumulative average, on the device
+    module(x, r).sum().backward()
+    torch.cuda.synchronize()
     try:
         _training_step(x, r, rm, rv, w, b, grad)
         FF.add_relu(x, r).sum().backward()
+        module(x, r).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
