@@ -110,8 +110,9 @@ def _batch_norm_act(input: Tensor, residual: Optional[Tensor], weight: Optional[
     if residual is not None and not bn_kernels.walkable(x, residual):
         residual = _laid_out_like(residual, x)
     stats_shape = (x.shape[1],) if training else (0,)
-    batch_mean = torch.zeros(stats_shape, dtype=_stats_dtype(x), device=x.device)
-    batch_var = torch.zeros(stats_shape, dtype=_stats_dtype(x), device=x.device)
+    new_stats = torch.empty if x.numel() else torch.zeros  # the statistics pass writes every channel
+    batch_mean = new_stats(stats_shape, dtype=_stats_dtype(x), device=x.device)
+    batch_var = new_stats(stats_shape, dtype=_stats_dtype(x), device=x.device)
     if x.numel() == 0:
         return y, batch_mean, batch_var
     with _on_device(x):
