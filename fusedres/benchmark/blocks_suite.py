@@ -85,8 +85,17 @@ def _block_step(module, x, mode, autocast):
     return run
 
 
+def _available(block) -> bool:
+    try:
+        block[1](8)
+        return True
+    except ImportError as missing:
+        print(f"fusedres-bench: skipping {block[0]}: {missing}")
+        return False
+
+
 def run_blocks(settings: Settings) -> list[dict]:
-    blocks = [b for b in BLOCKS if not settings.quick or b[0] in QUICK_BLOCKS]
+    blocks = [b for b in BLOCKS if (not settings.quick or b[0] in QUICK_BLOCKS) and _available(b)]
     modes = ("inference", "forward_backward")
     cases = [(b, dtype, layout, mode) for b in blocks for dtype in settings.dtypes for layout in settings.layouts
              for mode in modes]

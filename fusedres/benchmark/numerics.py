@@ -61,7 +61,10 @@ def run_numerics(settings: Settings, steps: int, out: pathlib.Path) -> list[dict
     (out / "numerics.json").write_text(json.dumps({"steps": steps, "batch_size": settings.batch_size,
                                                    "layout": layout, "losses": curves, "gaps": gaps,
                                                    "largest_gap_to_float64": strays}, indent=1))
-    _plot(curves, gaps, out / "numerics.png", settings)
+    try:
+        _plot(curves, gaps, out / "numerics.png", settings)
+    except ImportError as missing:
+        print(f"fusedres-bench: no numerics plot: {missing}")
     base = dict(level="numerics", op="seed.SmallResNet on digits", mode=f"train {steps} steps",
                 shape=f"{settings.batch_size}x3x32x32", dtype=dtype_name(torch.float32), layout=layout)
     where = "fusedres in Triton's interpreter" if not settings.on_gpu else "fusedres on the GPU"
