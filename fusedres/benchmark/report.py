@@ -72,7 +72,8 @@ def markdown_summary(rows: list[dict], environment: dict, copy_gbps: float | Non
     for key, providers in cases.items():
         eager, compiled, fused = (providers.get(p, {}) for p in ("eager", "compile", "fusedres"))
         lines.append("| " + " | ".join([*map(str, key), _fmt(eager.get("ms")), _fmt(compiled.get("ms")),
-                                        _fmt(compiled.get("compile_s"), ".1f"), _fmt(fused.get("ms")), _fmt(fused.get("gbps"), ".0f"),
+                                        _fmt(compiled.get("compile_s"), ".1f"), _fmt(fused.get("ms")),
+                                        _fmt(fused.get("gbps"), ".0f"),
                                         _fmt(fused.get("pct_copy_bw"), ".0f"),
                                         _fmt(fused.get("speedup_vs_eager"), ".2f"),
                                         _fmt(fused.get("speedup_vs_compile"), ".2f"),
