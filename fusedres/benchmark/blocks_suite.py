@@ -37,6 +37,7 @@ BLOCKS = [
 ]
 QUICK_BLOCKS = ("seed.BasicBlock", "torchvision.Bottleneck")
 MODELS = [("resnet18", _torchvision("resnet18")), ("resnet50", _torchvision("resnet50"))]
+GPU_IMAGE_SIZE, CPU_IMAGE_SIZE = 224, 32
 
 
 def _autocast(settings: Settings, dtype):
@@ -166,7 +167,7 @@ def run_models(settings: Settings) -> list[dict]:
              for mode in modes]
     bar = progress(len(cases), "models")
     rows = []
-    size = 224 if settings.on_gpu else 32
+    size = GPU_IMAGE_SIZE if settings.on_gpu else CPU_IMAGE_SIZE
     shape = (settings.batch_size, 3, size, size)
     for (name, make), dtype, layout, mode in cases:
         base = dict(level="model", op=f"torchvision.{name}", mode=mode, shape="x".join(map(str, shape)),
