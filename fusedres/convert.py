@@ -97,11 +97,16 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
-def _find_sites(owner: nn.Module, graph: fx.Graph, holders: dict) -> list[_Site]:
+def _module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How many times the traced forward calls each submodule."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holders: dict) -> list[_Site]:
     sites = []
     for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1 or node.kwargs or len(node.args) != 1:
@@ -146,13 +151,13 @@ def _parent_and_name(qualified_name: str) -> tuple[str, str]:
     return parent, name
 
 
-def _swappable(site: _Site, owner: nn.Module, calls_of, holders: dict) -> bool:
+def _swappable(site: _Site, owner: nn.Module, calls: dict[str, int], holders: dict) -> bool:
     """A batch-norm followed by a ReLU module that is used only there, both held by the same parent."""
     if site.add is not None or site.relu.op != "call_module":
         return False
     relu = owner.get_submodule(site.relu.target)
     same_parent = _parent_and_name(site.relu.target)[0] == _parent_and_name(site.batch_norm.target)[0]
-    return same_parent and calls_of(site.relu.target) == 1 and holders[id(relu)] == 1 and not _hooked(relu)
+    return same_parent and calls[site.relu.target] == 1 and holders[id(relu)] == 1 and not _hooked(relu)
 
 
 def _rewrite_forward(owner: nn.Module, graph: fx.Graph, sites: list[_Site]) -> str:
@@ -200,14 +205,11 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
             not_analysed.append((name, f"{label} ({type(module).__name__}): not traceable: "
                                        f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
         return
-    sites = _find_sites(module, graph, holders)
+    calls = _module_calls(graph)
+    sites = _find_sites(module, graph, calls, holders)
     if not sites:
         return
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    swappable = [s for s in sites if _swappable(s, module, calls.get, holders)]
+    swappable = [s for s in sites if _swappable(s, module, calls, holders)]
     reason = None if len(swappable) == len(sites) else _forward_is_rewritable(module)
     if len(swappable) == len(sites) or reason is not None:
         for site in swappable:
