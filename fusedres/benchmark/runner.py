@@ -92,7 +92,7 @@ def measure_cpu(row: dict, fn: Callable, settings: Settings) -> dict:
 def max_error(result, reference) -> float:
     """Largest |result - reference| over matching tensors (NaN-safe; None entries skipped)."""
     pairs = zip(_tensors(result), _tensors(reference))
-    return max((float((a.double() - b.double()).abs().nan_to_num(0.0).max()) if a.numel() else 0.0
+    return max((float((a.detach().double() - b.detach().double()).abs().nan_to_num(0.0).max()) if a.numel() else 0.0
                 for a, b in pairs), default=0.0)
 
 
