@@ -8,6 +8,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from .cases import no_grad_call
 from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
                      progress)
 
@@ -73,10 +74,7 @@ def _input(shape, settings, layout, requires_grad, dtype=torch.float32, seed=0):
 
 def _block_step(module, x, mode, autocast):
     if mode == "inference":
-        def run():
-            with torch.no_grad(), autocast:
-                return module(x)
-        return run
+        return no_grad_call(module, x, autocast=autocast)
 
     def run():
         with autocast:
@@ -145,10 +143,7 @@ def _cpu_rows(base, module, shape, mode, dtype, layout, settings) -> list[dict]:
 
 def _model_step(model, x, labels, mode, autocast, optimizer):
     if mode == "inference":
-        def run():
-            with torch.no_grad(), autocast:
-                return model(x)
-        return run
+        return no_grad_call(model, x, autocast=autocast)
 
     def run():
         with autocast:

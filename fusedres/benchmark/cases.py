@@ -2,6 +2,7 @@
 the floor bytes every provider's effective bandwidth is computed from (DESIGN.md's two-pass floors)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,19 +95,19 @@ def make_inputs(shape, dtype, channels_last: bool, device, requires_grad: bool, 
                     activation().detach())
 
 
+def no_grad_call(fn: Callable, *args, autocast=None) -> Callable:
+    """A no-argument callable running ``fn(*args)`` without autograd (and under ``autocast`` when given)."""
+    def run():
+        with torch.no_grad(), (autocast or contextlib.nullcontext()):
+            return fn(*args)
+    return run
+
+
 def mode_callable(fn: Callable, mode: str, inputs: OpInputs) -> Callable:
     """A no-argument callable running ``fn`` in ``mode`` on ``inputs``. ``backward`` times the backward alone:
     the forward runs once here and its graph is kept."""
-    if mode == "inference":
-        def run():
-            with torch.no_grad():
-                return fn(*inputs.args)
-        return run
-    if mode == "train_forward":
-        def run():
-            with torch.no_grad():
-                return fn(*inputs.args)
-        return run
+    if mode in ("inference", "train_forward"):  # the two differ in the op's training flag, not here
+        return no_grad_call(fn, *inputs.args)
     if mode == "forward_backward":
         return lambda: torch.autograd.grad(fn(*inputs.args), inputs.differentiable, inputs.grad,
                                            allow_unused=True)
