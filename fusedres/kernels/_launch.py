@@ -168,6 +168,9 @@ def plan_tiles(geometry: ChannelGeometry, channels_contiguous: bool, *, block_in
                block_channels: int | None = None, target_programs: int | None = None) -> TilePlan:
     """Choose tiles and the split from the shape alone (deterministic). Explicit block sizes are for tests
     that exercise masks and tails with small tiles."""
+    if geometry.outer * geometry.inner * geometry.channels == 0:
+        raise ValueError(f"fusedres kernels: nothing to launch over an empty tensor ({geometry}); the op layer "
+                         f"handles empty inputs without kernels")
     tile = _TILE_ELEMENTS_INTERPRETED if INTERPRETING else _TILE_ELEMENTS
     if target_programs is None:
         target_programs = _TARGET_PROGRAMS_INTERPRETED if INTERPRETING else _TARGET_PROGRAMS
