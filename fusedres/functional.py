@@ -48,6 +48,37 @@ def _check_number(fn: str, name: str, value) -> None:
         raise TypeError(f"{fn}: expected {name} to be a float, got {type(value).__name__}")
 
 
+def _elements(t: Tensor) -> set:
+    """The storage elements a 1-D tensor refers to."""
+    return set(range(t.storage_offset(), t.storage_offset() + (t.numel() - 1) * t.stride(0) + 1, t.stride(0) or 1))
+
+
+def _check_running_statistics(fn: str, running_mean, running_var, training: bool) -> None:
+    """Running statistics are buffers: never differentiable; when training they are written in place, so each
+    of their elements must be one memory location of its own (any stride is fine, an expanded one is not)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.requires_grad:
+            raise ValueError(f"{fn}: {name} requires grad; running statistics are not differentiable (eager "
+                             f"PyTorch refuses them too): pass a buffer, or {name}.detach()")
+        if training and t.numel() > 1 and t.stride(0) == 0:
+            raise ValueError(f"{fn}: {name} is updated in place when training, but its elements share one memory "
+                             f"location (stride 0, e.g. expanded from one value); pass a tensor with one element "
+                             f"per channel")
+    if (training and not torch.compiler.is_compiling() and running_mean.device.type != "meta"
+            and running_mean.untyped_storage().data_ptr() == running_var.untyped_storage().data_ptr()
+            and _elements(running_mean) & _elements(running_var)):
+        raise ValueError(f"{fn}: running_mean and running_var share memory; both are updated in place when "
+                         f"training, so they must not overlap")
+
+
+def _check_eps(fn: str, eps, training: bool) -> None:
+    # As eager's batch_norm: the batch variance may be 0, so training needs eps > 0.
+    if training and not eps > 0:
+        raise ValueError(f"{fn}: eps must be positive when training (batch statistics), got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"{fn}: eps must be non-negative, got {eps}")
+
+
 def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bias, training, momentum,
                            eps) -> None:
     _check_tensor(fn, "input", input)
@@ -83,6 +114,9 @@ def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bi
     if not training and running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var must be given in evaluation mode "
                          f"(training=False)")
+    if running_mean is not None:
+        _check_running_statistics(fn, running_mean, running_var, training)
+    _check_eps(fn, eps, training)
     if training:
         values_per_channel = input.numel() // channels if channels else 0
         if values_per_channel == 1:

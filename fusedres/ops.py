@@ -1,15 +1,17 @@
 """The op layer: registered ops (``torch.library``), their fake functions and autograd, and the backend choice.
 
 Registered ops, all under the ``fusedres`` namespace:
-  batch_norm_act(input, residual?, weight?, bias?, running_mean?, running_var?, training, eps)
-      -> (output, batch_mean, batch_var)      relu(batch_norm(input) [+ residual]); differentiable
-  batch_norm_act_backward(...) -> (grad_input, grad_residual, grad_weight, grad_bias)
-  update_running_stats_(running_mean!, running_var!, batch_mean, batch_var, momentum, count, num_batches_tracked?)
-  add_relu(input, residual) -> output          relu(input + residual); differentiable
-  relu_backward(grad_output, output) -> grad
+  batch_norm_stats_(input, running_mean!?, running_var!?, momentum, num_batches_tracked?) -> (mean, var)
+      batch statistics; moves the running statistics in place                       one launch
+  batch_norm_act(input, residual?, weight?, bias?, mean, var, training, eps) -> output
+      relu(batch_norm(input) [+ residual]) with the given statistics; differentiable one launch
+  batch_norm_act_backward(...) -> (grad_input, grad_residual, grad_weight, grad_bias)  two launches (one in eval)
+  add_relu(input, residual) -> output          relu(input + residual); differentiable   one launch
+  relu_backward(grad_output, output) -> grad                                             one launch
 
-torch.library refuses autograd on an op that mutates its arguments, so the differentiable op is functional and
-returns the batch statistics, and the running statistics are updated by the separate mutating op.
+torch.library refuses autograd on an op that mutates its arguments, so the statistics op (which updates the
+running statistics) is not differentiable and the differentiable op is functional: its backward differentiates
+through the batch statistics it was given.
 
 Backend: CUDA tensors run the Triton kernels on their own device; CPU tensors run eager PyTorch, unless the
 process runs Triton's interpreter, in which case the kernels run on the CPU. ``FUSEDRES_DISABLE=1`` or
@@ -98,39 +100,53 @@ def _result_dtype(input: Tensor, residual: Optional[Tensor]) -> torch.dtype:
 # batch_norm_act
 # ---------------------------------------------------------------------------------------------------------
 
+@torch.library.custom_op("fusedres::batch_norm_stats_", mutates_args=("running_mean", "running_var"))
+def _batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      momentum: float, num_batches_tracked: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The batch mean and biased variance per channel; with running statistics, also moves them toward the
+    batch's in place (unbiased variance; factor ``momentum``, or ``1 / num_batches_tracked`` when that tensor is
+    given: nn.BatchNorm2d's momentum=None). Not differentiable: batch_norm_act's backward differentiates through
+    the statistics. It runs before the op that saves tensors for backward, as eager's native_batch_norm updates
+    the running statistics in the op that saves, so checkpointing's recomputation updates them as eager does."""
+    _require_kernels("batch_norm_stats_", input)
+    x = _dense(input)
+    new_stats = torch.empty if x.numel() else torch.zeros  # the statistics pass writes every channel
+    mean = new_stats((x.shape[1],), dtype=_stats_dtype(x), device=x.device)
+    var = new_stats((x.shape[1],), dtype=_stats_dtype(x), device=x.device)
+    if x.numel() == 0:
+        return mean, var  # the empty batch leaves the running statistics as they are, as eager does
+    with _on_device(x):
+        bn_kernels.bn_batch_stats(x, mean, var, running_mean, running_var, momentum=momentum,
+                                  num_batches_tracked=num_batches_tracked)
+    return mean, var
+
+
+@_batch_norm_stats.register_fake
+def _(input, running_mean, running_var, momentum, num_batches_tracked):
+    return (input.new_empty((input.shape[1],), dtype=_stats_dtype(input)),
+            input.new_empty((input.shape[1],), dtype=_stats_dtype(input)))
+
+
 @torch.library.custom_op("fusedres::batch_norm_act", mutates_args=())
 def _batch_norm_act(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """relu(batch_norm(input) [+ residual]) and, when training, the batch mean and biased variance
-    (empty tensors in inference, which uses the running statistics)."""
+                    mean: Tensor, var: Tensor, training: bool, eps: float) -> Tensor:
+    """relu(batch_norm(input) [+ residual]) with the given statistics: the batch's (from batch_norm_stats_) when
+    ``training``, which the backward then differentiates through, else the running ones."""
     _require_kernels("batch_norm_act", input)
     x = _dense(input)
     y = torch.empty_like(x, dtype=_result_dtype(input, residual))
+    if x.numel() == 0:
+        return y
     if residual is not None and not bn_kernels.walkable(x, residual):
         residual = _laid_out_like(residual, x)
-    stats_shape = (x.shape[1],) if training else (0,)
-    new_stats = torch.empty if x.numel() else torch.zeros  # the statistics pass writes every channel
-    batch_mean = new_stats(stats_shape, dtype=_stats_dtype(x), device=x.device)
-    batch_var = new_stats(stats_shape, dtype=_stats_dtype(x), device=x.device)
-    if x.numel() == 0:
-        return y, batch_mean, batch_var
     with _on_device(x):
-        if training:
-            bn_kernels.bn_batch_stats(x, batch_mean, batch_var)
-            mean, var = batch_mean, batch_var
-        else:
-            mean, var = running_mean, running_var
         bn_kernels.bn_act_apply(x, residual, mean, var, weight, bias, eps, y)
-    return y, batch_mean, batch_var
+    return y
 
 
 @_batch_norm_act.register_fake
-def _(input, residual, weight, bias, running_mean, running_var, training, eps):
-    x = _dense(input)
-    stats_shape = (x.shape[1],) if training else (0,)
-    return (torch.empty_like(x, dtype=_result_dtype(input, residual)),
-            x.new_empty(stats_shape, dtype=_stats_dtype(x)), x.new_empty(stats_shape, dtype=_stats_dtype(x)))
+def _(input, residual, weight, bias, mean, var, training, eps):
+    return torch.empty_like(_dense(input), dtype=_result_dtype(input, residual))
 
 
 @torch.library.custom_op("fusedres::batch_norm_act_backward", mutates_args=())
@@ -140,8 +156,7 @@ def _batch_norm_act_backward(grad_output: Tensor, input: Tensor, output: Optiona
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of batch_norm_act for (input, residual, weight, bias); those not asked for by
     ``output_mask`` come back empty. ``output`` is given when a residual was added: the ReLU mask is then
-    ``output > 0``, else it is recomputed from the input. ``mean``/``var`` are the statistics the forward used
-    (the batch's when training, the running ones otherwise)."""
+    ``output > 0``, else it is recomputed from the input. ``mean``/``var`` are the statistics the forward used."""
     _require_kernels("batch_norm_act_backward", input)
     want_x, want_residual, want_weight, want_bias = output_mask
     x = _dense(input)
@@ -157,26 +172,27 @@ def _batch_norm_act_backward(grad_output: Tensor, input: Tensor, output: Optiona
         grad_z = torch.empty_like(output)
     with _on_device(x):
         bn_kernels.bn_act_backward_reduce(
-            grad_y, x, output, mean, var, weight, bias, eps, sum_dz_out=sums[0], sum_dz_xhat_out=sums[1],
+            grad_y, x, output, mean, var, weight, bias, eps, sums_out=sums,
             grad_z_out=grad_z if keep_grad_z else None,
             grad_x_out=grad_x if (want_x and not training) else None,
             grad_weight_out=grad_weight if want_weight else None,
-            grad_bias_out=grad_bias if want_bias else None)
+            grad_bias_out=grad_bias if want_bias else None, need_sums=training and want_x)
         if want_x and training:
             bn_kernels.bn_backward_dx(grad_z if output is not None else grad_y, x, mean, var, weight, bias, eps,
-                                      sums[0], sums[1], grad_is_dy=output is None, grad_x_out=grad_x)
+                                      sums, grad_is_dy=output is None, grad_x_out=grad_x)
     if not want_residual:
         grad_z = grad_z.new_empty(0)
     return grad_x, grad_z, grad_weight, grad_bias
 
 
 def _backward_outputs(x, output, weight, bias, output_mask):
-    """The gradient tensors batch_norm_act_backward returns (empty where not asked for)."""
+    """The gradient tensors batch_norm_act_backward returns (empty where not asked for; parameter gradients
+    contiguous, whatever the parameters' strides)."""
     want_x, want_residual, want_weight, want_bias = output_mask
     return (torch.empty_like(x) if want_x else x.new_empty(0),  # outputs may not alias: one empty each
             torch.empty_like(output) if (want_residual and output is not None) else x.new_empty(0),
-            torch.empty_like(weight) if (want_weight and weight is not None) else x.new_empty(0),
-            torch.empty_like(bias) if (want_bias and bias is not None) else x.new_empty(0))
+            x.new_empty(weight.shape, dtype=weight.dtype) if (want_weight and weight is not None) else x.new_empty(0),
+            x.new_empty(bias.shape, dtype=bias.dtype) if (want_bias and bias is not None) else x.new_empty(0))
 
 
 @_batch_norm_act_backward.register_fake
@@ -185,16 +201,13 @@ def _(grad_output, input, output, weight, bias, mean, var, training, eps, output
 
 
 def _batch_norm_act_setup_context(ctx, inputs, output):
-    input, residual, weight, bias, running_mean, running_var, training, eps = inputs
-    y, batch_mean, batch_var = output
-    mean, var = (batch_mean, batch_var) if training else (running_mean, running_var)
-    ctx.save_for_backward(input, y if residual is not None else None, weight, bias, mean, var)
-    ctx.mark_non_differentiable(batch_mean, batch_var)
+    input, residual, weight, bias, mean, var, training, eps = inputs
+    ctx.save_for_backward(input, output if residual is not None else None, weight, bias, mean, var)
     ctx.training, ctx.eps = training, eps
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _batch_norm_act_autograd(ctx, grad_y, _grad_batch_mean, _grad_batch_var):
+def _batch_norm_act_autograd(ctx, grad_y):
     input, y, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1] and y is not None, needs[2] and weight is not None,
@@ -211,22 +224,6 @@ def _batch_norm_act_autograd(ctx, grad_y, _grad_batch_mean, _grad_batch_var):
 _batch_norm_act.register_autograd(_batch_norm_act_autograd, setup_context=_batch_norm_act_setup_context)
 
 
-@torch.library.custom_op("fusedres::update_running_stats_", mutates_args=("running_mean", "running_var"))
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
-                          momentum: float, count: int, num_batches_tracked: Optional[Tensor]) -> None:
-    """running = (1 - f) running + f batch (unbiased variance from ``count`` values per channel);
-    f = momentum, or 1 / num_batches_tracked when that tensor is given (nn.BatchNorm2d's momentum=None)."""
-    _require_kernels("update_running_stats_", running_mean)
-    with _on_device(running_mean):
-        bn_kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count,
-                                        num_batches_tracked)
-
-
-@_update_running_stats.register_fake
-def _(running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked):
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # add_relu
 # ---------------------------------------------------------------------------------------------------------
@@ -236,6 +233,8 @@ def _add_relu(input: Tensor, residual: Tensor) -> Tensor:
     """relu(input + residual), in the promoted dtype and the layout eager gives."""
     _require_kernels("add_relu", input)
     y = torch.empty_like(input, dtype=_result_dtype(input, residual))  # eager's layout for input + residual
+    if y.numel() == 0:
+        return y
     with _on_device(y):
         add_relu_kernels.add_relu_forward(_laid_out_like(input, y), _laid_out_like(residual, y), y)
     return y
@@ -251,6 +250,8 @@ def _relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     """grad_output where output > 0, else 0; in output's layout and dtype."""
     _require_kernels("relu_backward", output)
     grad = torch.empty_like(output)
+    if grad.numel() == 0:
+        return grad
     with _on_device(output):
         add_relu_kernels.relu_backward(_laid_out_like(grad_output, output), output, grad)
     return grad
@@ -304,16 +305,12 @@ def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Opti
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(y if residual is None else y + residual)
     if training:
-        y, batch_mean, batch_var = torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, None, None,
-                                                                     True, eps)
-        if running_mean is not None and input.numel() > 0:
-            count = input.numel() // input.shape[1]
-            torch.ops.fusedres.update_running_stats_(running_mean, running_var, batch_mean, batch_var,
-                                                     momentum, count, num_batches_tracked)
-        return y
-    y, _, _ = torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, running_mean, running_var,
-                                                False, eps)
-    return y
+        # The statistics are not differentiated through this op (batch_norm_act's backward does it).
+        mean, var = torch.ops.fusedres.batch_norm_stats_(input.detach(), running_mean, running_var, momentum,
+                                                         num_batches_tracked)
+    else:
+        mean, var = running_mean, running_var
+    return torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, mean, var, training, eps)
 
 
 def add_relu(input: Tensor, residual: Tensor) -> Tensor:

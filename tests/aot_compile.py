@@ -93,16 +93,24 @@ def record_variants(quick: bool) -> list:
     return _covering_subset(list(specs.values()))
 
 
+_WALK = ("CHANNELS_LAST", "SLAB_INNER", "ALIGN", "INT64")
+
+
 def _features(spec) -> set:
-    """What a variant exercises in the compiler: each argument's type or constant, the whole set of boolean
-    switches, the tile, and the switches together with the data types."""
+    """What a variant exercises in the compiler: each argument's type or switch value, the whole set of boolean
+    switches, the walk (layout, slab or rows, alignment hints, 64-bit offsets) with the warps, and the data types
+    (the input's and the accumulator's) with the kind of walk. Tile sizes and H*W values are not features of their own."""
     kernel, signature, constexprs, num_warps = spec
     name = kernel.fn.__name__
-    switches = tuple(sorted((k, v) for k, v in constexprs.items() if isinstance(v, bool) or v is None))
-    tile = tuple(sorted((k, v) for k, v in constexprs.items() if k.startswith("BLOCK"))) + (num_warps,)
-    types = tuple(v for v in signature.values() if v.startswith("*")) + (str(constexprs.get("ACC")),)
-    features = {(name, k, signature[k], str(constexprs.get(k))) for k in signature}
-    features |= {(name, "switches", switches), (name, "tile", tile), (name, "switches+types", switches, types)}
+    switches = tuple(sorted((k, v) for k, v in constexprs.items()
+                            if (isinstance(v, bool) or v is None) and k not in _WALK))
+    walk = (constexprs.get("CHANNELS_LAST"), bool(constexprs.get("SLAB_INNER")), constexprs.get("ALIGN", 1) > 1,
+            constexprs.get("INT64"), num_warps)
+    activation = next(v for v in signature.values() if v.startswith("*"))  # the first pointer: the input
+    types = (activation, str(constexprs.get("ACC")))
+    features = {(name, k, signature[k], str(constexprs.get(k))) for k in signature
+                if not k.startswith(("BLOCK",) + _WALK)}
+    features |= {(name, "switches", switches), (name, "walk", walk), (name, "types", walk[:2], types)}
     return features
 
 
@@ -132,25 +140,28 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
     x = _tensor(shape, dtype, channels_last)
     y = _tensor(shape, dtype, channels_last)
     vec = lambda dt=param_dtype: _tensor((c,), dt)  # noqa: E731
+    sums = _tensor((2, c), stats)
     for residual, affine in itertools.product((None, _tensor(shape, dtype, channels_last)), (False, True)):
         w, b = (vec(), vec()) if affine else (None, None)
         BK.bn_act_apply(x, residual, vec(), vec(), w, b, 1e-5, y)
         for training in (True, False):
             mask_source = y if residual is not None else None
             BK.bn_act_backward_reduce(
-                y, x, mask_source, vec(stats), vec(stats), w, b, 1e-5, sum_dz_out=vec(stats),
-                sum_dz_xhat_out=vec(stats), grad_z_out=_tensor(shape, dtype, channels_last) if residual is not None
-                else None, grad_x_out=None if training else _tensor(shape, dtype, channels_last),
-                grad_weight_out=vec() if affine else None, grad_bias_out=vec() if affine else None)
-        BK.bn_backward_dx(y, x, vec(stats), vec(stats), w, b, 1e-5, vec(stats), vec(stats),
-                          grad_is_dy=residual is None, grad_x_out=_tensor(shape, dtype, channels_last))
+                y, x, mask_source, vec(stats), vec(stats), w, b, 1e-5, sums_out=sums,
+                grad_z_out=_tensor(shape, dtype, channels_last) if residual is not None else None,
+                grad_x_out=None if training else _tensor(shape, dtype, channels_last),
+                grad_weight_out=vec() if affine else None, grad_bias_out=vec() if affine else None,
+                need_sums=training)
+        BK.bn_backward_dx(y, x, vec(stats), vec(stats), w, b, 1e-5, sums, grad_is_dy=residual is None,
+                          grad_x_out=_tensor(shape, dtype, channels_last))
     # A residual of another dtype promotes the output (fp32 + fp64 computes in fp64).
     other = {torch.float32: torch.float64}.get(dtype, torch.float32)
     BK.bn_act_apply(x, _tensor(shape, other, channels_last), vec(), vec(), None, None, 1e-5,
                     _tensor(shape, torch.promote_types(dtype, other), channels_last))
     BK.bn_batch_stats(x, vec(stats), vec(stats))
     for num_batches_tracked in (None, _tensor((), torch.int64)):
-        BK.update_running_stats(vec(), vec(), vec(stats), vec(stats), 0.1, 10, num_batches_tracked)
+        BK.bn_batch_stats(x, vec(stats), vec(stats), vec(), vec(), momentum=0.1,
+                          num_batches_tracked=num_batches_tracked)
     flat = _tensor((shape[0] * c * shape[2] * shape[3],), dtype)
     AK.add_relu_forward(flat, _tensor(flat.shape, param_dtype), _tensor(flat.shape, param_dtype))
     AK.relu_backward(flat, flat, _tensor(flat.shape, dtype))

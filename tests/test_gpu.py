@@ -1,5 +1,6 @@
-"""GPU-only checks: ResNet-sized shapes, bitwise determinism, no host synchronisation, CUDA-graph capture and
-the device guard. Skipped without a CUDA GPU (the interpreter shows none of these)."""
+"""GPU-only checks: ResNet-sized shapes, bitwise determinism, the last-program merges under real concurrency
+(many programs, two streams, counters back at zero), no host synchronisation, CUDA-graph capture and the device
+guard. Skipped without a CUDA GPU (the interpreter runs programs one after another and shows none of these)."""
 from __future__ import annotations
 
 import pytest
@@ -71,6 +72,49 @@ def test_bitwise_deterministic(channels_last):
             assert torch.equal(a, b_), "results differ between identical calls"
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_last_program_merges_see_every_partial_row(channels_last):
+    """Many splits finishing at nearly the same time: if the program that takes the last ticket could read a
+    partial row before its writer's stores were visible, some call would differ from the others or from eager.
+    Tiny tiles and a large target give thousands of programs per channel block."""
+    from fusedres.kernels import batch_norm as BK
+    from fusedres.kernels._launch import _tickets
+
+    x = make_input((64, 24, 28, 28), torch.float32, channels_last)
+    tiles = dict(block_rows=16, block_channels=8, target_programs=1 << 16)
+    mean, var = torch.empty(24, device=x.device), torch.empty(24, device=x.device)
+    BK.bn_batch_stats(x, mean, var, **tiles)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, ref_mean, "mean")
+    assert_close(var, ref_var, "var")
+    for _ in range(200):
+        again_mean, again_var = torch.empty_like(mean), torch.empty_like(var)
+        BK.bn_batch_stats(x, again_mean, again_var, **tiles)
+        assert torch.equal(again_mean, mean) and torch.equal(again_var, var)
+    torch.cuda.synchronize()
+    assert all(int(counters.abs().sum()) == 0 for counters in _tickets.values()), "ticket counters not reset"
+
+
+def test_two_streams_at_once_match_one_stream():
+    shapes = [(16, 64, 56, 56), (16, 512, 7, 7)]
+    inputs = [_inputs(shape, torch.bfloat16, True, True) for shape in shapes]
+    grads = [make_input(shape, torch.bfloat16, True, shift=0.0) for shape in shapes]
+    expected = [_training_step(x, r, rm.clone(), rv.clone(), w, b, g) for (x, r, rm, rv, w, b), g in
+                zip(inputs, grads)]
+    streams = [torch.cuda.Stream() for _ in shapes]
+    torch.cuda.synchronize()
+    results = [[] for _ in shapes]
+    for _ in range(20):
+        for stream, (x, r, rm, rv, w, b), g, out in zip(streams, inputs, grads, results):
+            with torch.cuda.stream(stream):
+                out.append(_training_step(x, r, rm.clone(), rv.clone(), w, b, g))
+    torch.cuda.synchronize()
+    for out, exp in zip(results, expected):
+        for step in out:
+            for a, e in zip(step, exp):
+                assert torch.equal(a, e), "a fused op on another stream changed the result"
+
+
 def test_no_host_synchronisation():
     x, r, rm, rv, w, b = _inputs((8, 64, 28, 28), torch.bfloat16, True, True)
     grad = make_input(x.shape, x.dtype, True, shift=0.0)
@@ -108,6 +152,11 @@ def test_cuda_graph_capture_of_a_training_step():
     for a, e in zip(outputs, expected):
         assert torch.equal(a, e)
     assert torch.equal(rm, rm_start) and torch.equal(rv, rv_start)
+    for _ in range(3):  # the graph's ticket counters are back at zero after every replay
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(outputs, expected):
+            assert torch.equal(a, e)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

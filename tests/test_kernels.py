@@ -1,5 +1,6 @@
 """The launchers directly: outputs poisoned with NaN beforehand (an element left unwritten shows), small tiles so
-that every mask and tail is hit, many splits so that the merges run, and the 64-bit offset path."""
+that every mask and tail is hit, many splits so that the last-program merges run over many partial rows, both
+walks (rows and slabs) on the same shapes, and the 64-bit offset path."""
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,13 @@ from fusedres.kernels import batch_norm as BK
 from fusedres.kernels import forced_int64
 from tests.helpers import DEVICE, assert_close, fp64_copy, make_input, make_params, reference_batch_norm_act
 
-# (block_inner, block_channels, target_programs); None: the shape heuristic.
-TILES = [dict(block_inner=4, block_channels=4, target_programs=64),
-         dict(block_inner=8, block_channels=2, target_programs=7),
-         dict(block_inner=16, block_channels=16, target_programs=1024),
+# (block_rows, block_channels, target_programs, slab); none given: the shape heuristic. A slab's rows are all of
+# H*W, so it takes no block_rows.
+TILES = [dict(block_rows=4, block_channels=4, target_programs=64, slab=False),
+         dict(block_rows=8, block_channels=2, target_programs=7, slab=False),
+         dict(block_rows=16, block_channels=16, target_programs=1024, slab=False),
+         dict(block_channels=4, target_programs=64, slab=True),
+         dict(block_channels=16, target_programs=1, slab=True),
          dict()]
 SHAPE = (3, 11, 5, 3)
 
@@ -35,6 +39,8 @@ def _stats64(x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_stats(tiles, channels_last, dtype):
     x = make_input(SHAPE, dtype, channels_last)
+    if tiles.get("slab") and channels_last:
+        pytest.skip("the slab walk is for NCHW")
     mean, var = poisoned(SHAPE[1], dtype=torch.float32), poisoned(SHAPE[1], dtype=torch.float32)
     BK.bn_batch_stats(x, mean, var, **tiles)
     ref_mean, ref_var = _stats64(x)
@@ -55,6 +61,8 @@ def test_batch_stats_are_stable_for_a_large_offset():
 def test_apply(tiles, layouts):
     x = make_input(SHAPE, torch.float32, layouts[0] == "cl")
     r = make_input(SHAPE, torch.float16, layouts[1] == "cl")
+    if "cl" in layouts and (tiles.get("slab") or BK._plan(x, **tiles)[1].slab):
+        pytest.skip("a slab walk reads NCHW operands only (the op layer copies the others)")
     rm, rv, w, b = make_params(SHAPE[1], torch.float32)
     y = poisoned(like=x)
     BK.bn_act_apply(x, r, rm, rv, w, b, 1e-5, y, **tiles)
@@ -77,6 +85,8 @@ def test_apply_refuses_a_residual_it_cannot_walk():
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_backward_passes(tiles, channels_last, with_residual):
     """Training backward: reduce (dz, sums, dweight, dbias), then dx; eval backward: reduce writes dx."""
+    if tiles.get("slab") and channels_last:
+        pytest.skip("the slab walk is for NCHW")
     x = make_input(SHAPE, torch.float32, channels_last)
     r = make_input(SHAPE, torch.float32, channels_last) if with_residual else None
     _, _, w, b = make_params(SHAPE[1], torch.float32)
@@ -94,10 +104,10 @@ def test_backward_passes(tiles, channels_last, with_residual):
     sums = poisoned(2, SHAPE[1], dtype=torch.float32)
     dz = poisoned(like=y) if with_residual else None
     dw, db, dx = poisoned(like=w), poisoned(like=b), poisoned(like=x)
-    BK.bn_act_backward_reduce(g, x, y if with_residual else None, mean, var, w, b, 1e-5, sum_dz_out=sums[0],
-                              sum_dz_xhat_out=sums[1], grad_z_out=dz, grad_weight_out=dw, grad_bias_out=db, **tiles)
-    BK.bn_backward_dx(dz if with_residual else g, x, mean, var, w, b, 1e-5, sums[0], sums[1],
-                      grad_is_dy=not with_residual, grad_x_out=dx, **tiles)
+    BK.bn_act_backward_reduce(g, x, y if with_residual else None, mean, var, w, b, 1e-5, sums_out=sums,
+                              grad_z_out=dz, grad_weight_out=dw, grad_bias_out=db, **tiles)
+    BK.bn_backward_dx(dz if with_residual else g, x, mean, var, w, b, 1e-5, sums, grad_is_dy=not with_residual,
+                      grad_x_out=dx, **tiles)
     assert_close(dw, ref_dw, "grad of weight")
     assert_close(db, ref_db, "grad of bias")
     assert_close(dx, ref_dx, "grad of input")
@@ -108,20 +118,24 @@ def test_backward_passes(tiles, channels_last, with_residual):
     y64 = reference_batch_norm_act(x64, fp64_copy(r), mean.double(), var.double(), w64, b64, False)
     (ref_dx,) = torch.autograd.grad(y64, (x64,), g.double())
     dx = poisoned(like=x)
-    BK.bn_act_backward_reduce(g, x, y if with_residual else None, mean, var, w, b, 1e-5, sum_dz_out=sums[0],
-                              sum_dz_xhat_out=sums[1], grad_x_out=dx, **tiles)
+    BK.bn_act_backward_reduce(g, x, y if with_residual else None, mean, var, w, b, 1e-5, sums_out=sums,
+                              grad_x_out=dx, need_sums=False, **tiles)
     assert_close(dx, ref_dx, "grad of input (frozen statistics)")
 
 
+@pytest.mark.parametrize("tiles", [TILES[0], TILES[3], dict()], ids=str)
 @pytest.mark.parametrize("cumulative", [False, True])
-def test_update_running_stats(cumulative):
-    rm, rv, _, _ = make_params(5, torch.float32)
-    mean, var = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.1
+def test_running_statistics_update_in_the_statistics_launch(cumulative, tiles):
+    x = make_input(SHAPE, torch.float32)
+    rm, rv, _, _ = make_params(SHAPE[1], torch.float32)
     nbt = torch.tensor(4, dtype=torch.long, device=DEVICE)
     factor = 0.25 if cumulative else 0.1
-    ref_rm = (1 - factor) * rm.double() + factor * mean.double()
-    ref_rv = (1 - factor) * rv.double() + factor * var.double() * 12 / 11
-    BK.update_running_stats(rm, rv, mean, var, 0.1, 12, nbt if cumulative else None)
+    ref_mean, ref_var = _stats64(x)
+    count = x.numel() // SHAPE[1]
+    ref_rm = (1 - factor) * rm.double() + factor * ref_mean
+    ref_rv = (1 - factor) * rv.double() + factor * ref_var * count / (count - 1)
+    mean, var = poisoned(SHAPE[1], dtype=torch.float32), poisoned(SHAPE[1], dtype=torch.float32)
+    BK.bn_batch_stats(x, mean, var, rm, rv, momentum=0.1, num_batches_tracked=nbt if cumulative else None, **tiles)
     assert_close(rm, ref_rm, "running_mean")
     assert_close(rv, ref_rv, "running_var")
 

@@ -1,13 +1,20 @@
-"""Launch plumbing shared by the kernels.
+"""Launch plumbing shared by the kernels: how a kernel walks a tensor, the launch constants, the 64-bit offset
+switch, the ticket counters of the last-program merges, and the launch hook.
 
 How a kernel walks an (N, C, H, W) tensor: as ``outer x inner`` rows of ``channels`` columns. A channels_last
 tensor is one ``[N*H*W, C]`` matrix (outer = 1), an NCHW tensor is ``N`` blocks of ``H*W`` contiguous rows per
 channel (outer = N). Every operand carries its own (outer, inner, channel) strides, so a tensor in the other
-layout, or an expanded gradient, is read through its strides.
+layout, or an expanded gradient, is read through its strides. A program covers one block of channels and one
+*split* of the chunks (a chunk being one ``block_rows`` run of rows inside one outer block), one tile at a time.
 
-Also here: the launch configurations (chosen from the shape only, so the reduction order, and with it every
-bit of the result, is the same in any process), the 64-bit offset switch, and the launch hook through which
-the ahead-of-time compilation test records every kernel variant instead of running it.
+Two ways of reading a tile (docs/design.md, "Access width"):
+- rows: a ``[block_rows, block_channels]`` tile of pointers, vectorised along the contiguous dimension when its
+  strides are known multiples of the vector (the JIT hints multiples of 16; ``align`` hints the rest);
+- slab (NCHW when ``H*W`` rows cannot be read full-width, e.g. 7x7 or 14x14): a sample's ``[block_channels, H*W]``
+  slab is contiguous, so it is read as one flat run, full-width, and regrouped into the same tile in registers.
+
+The launch constants are chosen from the shape only, so the reduction order, and with it every bit of the
+result, is the same in any process.
 """
 from __future__ import annotations
 
@@ -25,7 +32,33 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 _INT32_LIMIT = 2**31
 _force_int64 = False
-_recorded_launches: list | None = None
+_observers: list = []
+
+
+@dataclass(frozen=True)
+class LaunchConstants:
+    """Every tuning constant of the kernels, in one place."""
+
+    tile_elements: int       # elements of one batch-norm tile (the unit of work of a loop trip)
+    target_programs: int     # programs a batch-norm launch aims for (channel blocks x splits)
+    max_splits: int          # at most this many partial rows per channel block: its last program merges them alone
+    row_bytes: int           # channels_last: bytes of one row of a tile (channels per tile = row_bytes / itemsize)
+    merge_block_splits: int  # partial rows the merging program reads per step
+    flat_block: int          # elements per program of the add + ReLU kernels
+    slab_max_inner: int      # NCHW: largest H*W read as slabs (a slab's channel block must fill a tile)
+
+    def num_warps(self, tile_elements: int) -> int:
+        return 8 if tile_elements >= 4096 else 4
+
+
+# GPU: about four programs per SM of an H100 (132 SMs) at 8 warps; at most 128 partial rows, so the serial merge
+# reads 128 x 32 x 12 bytes at most (a few hundred nanoseconds from L2). Interpreter: every program costs about a
+# millisecond, so as few as possible.
+GPU_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=512, max_splits=128, row_bytes=64,
+                                merge_block_splits=64, flat_block=2048, slab_max_inner=1024)
+INTERPRETER_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=4, max_splits=4, row_bytes=64,
+                                        merge_block_splits=64, flat_block=1024, slab_max_inner=1024)
+CONSTANTS = INTERPRETER_CONSTANTS if INTERPRETING else GPU_CONSTANTS
 
 
 @contextlib.contextmanager
@@ -40,22 +73,26 @@ def forced_int64():
 
 
 @contextlib.contextmanager
-def recorded_launches():
-    """Record ``(kernel, arguments, num_warps)`` for every launch instead of running it (for the
-    ahead-of-time compilation check, which runs without a GPU and without the interpreter)."""
-    global _recorded_launches
-    previous, _recorded_launches = _recorded_launches, []
+def recorded_launches(*, run: bool = False):
+    """Record ``(kernel, arguments, num_warps)`` for every launch. Without ``run`` the launches are recorded
+    instead of run (for the ahead-of-time compilation and the kernel report, which work on meta tensors without a
+    GPU); with it they also run (for counting launches per op)."""
+    launches: list = []
+    observer = (launches, run)
+    _observers.append(observer)
     try:
-        yield _recorded_launches
+        yield launches
     finally:
-        _recorded_launches = previous
+        _observers.remove(observer)
 
 
 def launch(kernel, grid: tuple[int, ...], args: dict, num_warps: int) -> None:
-    if _recorded_launches is not None:
-        _recorded_launches.append((kernel, dict(args), num_warps))
-        return
-    kernel[grid](**args, num_warps=num_warps)
+    run = True
+    for launches, runs in _observers:
+        launches.append((kernel, dict(args), num_warps))
+        run = run and runs
+    if run:
+        kernel[grid](**args, num_warps=num_warps)
 
 
 def needs_int64(*tensors: torch.Tensor | None) -> bool:
@@ -92,6 +129,27 @@ def accumulator_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_tickets: dict = {}
+
+
+def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` int32 counters, zero, for a launch whose programs take tickets (the last one merges). The kernels
+    leave them at zero, so one buffer per stream serves every launch on it: launches on one stream never overlap,
+    and launches on two streams never share counters. During CUDA-graph capture each launch gets fresh zeroed
+    counters from the graph's pool, since a graph may be replayed on any stream."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(count, dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, None)
+    counters = _tickets.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+        _tickets[key] = counters
+    return counters
+
+
 def _collapsed_stride(sizes, strides) -> int | None:
     """The single stride that walks the given nested dims as one index, or None if there is none."""
     stride = None
@@ -107,6 +165,14 @@ def _collapsed_stride(sizes, strides) -> int | None:
     return 0 if stride is None else stride
 
 
+def _power_of_two_divisor(value: int, cap: int = 16) -> int:
+    """The largest power of two, at most ``cap``, that divides ``value`` (0 is divided by everything)."""
+    divisor = 1
+    while divisor < cap and value % (divisor * 2) == 0:
+        divisor *= 2
+    return divisor
+
+
 @dataclass(frozen=True)
 class ChannelGeometry:
     """An (N, C, H, W) tensor seen as ``outer`` blocks of ``inner`` rows of ``channels`` columns."""
@@ -114,35 +180,45 @@ class ChannelGeometry:
     outer: int
     inner: int
     channels: int
+    channels_last: bool
 
     @staticmethod
     def of(x: torch.Tensor) -> "ChannelGeometry":
         """The geometry coalesced for ``x``, which must be dense in NCHW or channels_last format."""
         n, c, h, w = x.shape
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return ChannelGeometry(outer=1, inner=n * h * w, channels=c)
+            return ChannelGeometry(outer=1, inner=n * h * w, channels=c, channels_last=True)
         if not x.is_contiguous():
             raise ValueError(f"fusedres kernels: expected an NCHW or channels_last dense tensor, got strides "
                              f"{tuple(x.stride())} for shape {tuple(x.shape)}")
-        return ChannelGeometry(outer=n, inner=h * w, channels=c)
+        return ChannelGeometry(outer=n, inner=h * w, channels=c, channels_last=False)
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int] | None:
         """(outer, inner, channel) strides of ``t`` in this geometry, or None if its layout cannot be walked so."""
         n, c, h, w = t.shape
-        if self.outer == 1:
+        if self.channels_last:
             inner = _collapsed_stride((n, h, w), (t.stride(0), t.stride(2), t.stride(3)))
             return None if inner is None else (0, inner, t.stride(1))
         inner = _collapsed_stride((h, w), (t.stride(2), t.stride(3)))
         return None if inner is None else (t.stride(0), inner, t.stride(1))
 
+    def slab_strides(self, t: torch.Tensor) -> tuple[int, int, int] | None:
+        """Strides of ``t`` if its channel slabs are contiguous as the slab walk reads them (NCHW, dense within a
+        sample), else None."""
+        strides = self.strides(t)
+        if strides is None or self.channels_last:
+            return None
+        outer, inner, channel = strides
+        return strides if (inner == 1 or self.inner == 1) and (channel == self.inner or self.channels == 1) else None
+
 
 @dataclass(frozen=True)
 class TilePlan:
-    """A launch over a ChannelGeometry: tiles of ``block_inner x block_channels``, grid
-    ``(channel_blocks, splits)``; split ``s`` handles chunks ``[s * chunks_per_split, ...)``, a chunk being one
-    ``block_inner`` run of rows inside one outer block."""
+    """A launch over a ChannelGeometry: tiles of ``block_rows x block_channels``, grid ``(channel_blocks,
+    splits)``; split ``s`` handles chunks ``[s * chunks_per_split, ...)``. ``slab``: the tile is one sample's slab
+    (``block_rows >= inner``, one chunk per sample), read flat."""
 
-    block_inner: int
+    block_rows: int
     block_channels: int
     num_warps: int
     inner_blocks: int
@@ -150,45 +226,66 @@ class TilePlan:
     chunks_per_split: int
     splits: int
     channel_blocks: int
+    slab: bool
 
     @property
     def grid(self) -> tuple[int, int]:
         return (self.channel_blocks, self.splits)
 
 
-# Programs to aim for: enough to fill an H100's 132 SMs several times over, few enough that the per-channel
-# partial results of a reduction stay small. Under the interpreter every program costs about a millisecond.
-_TARGET_PROGRAMS = 1024
-_TARGET_PROGRAMS_INTERPRETED = 4
-_TILE_ELEMENTS = 4096
-_TILE_ELEMENTS_INTERPRETED = 4096
-
-
-def plan_tiles(geometry: ChannelGeometry, channels_contiguous: bool, *, block_inner: int | None = None,
-               block_channels: int | None = None, target_programs: int | None = None) -> TilePlan:
-    """Choose tiles and the split from the shape alone (deterministic). Explicit block sizes are for tests
-    that exercise masks and tails with small tiles."""
+def plan_tiles(geometry: ChannelGeometry, itemsize: int, *, block_rows: int | None = None,
+               block_channels: int | None = None, target_programs: int | None = None,
+               slab: bool | None = None) -> TilePlan:
+    """Choose the walk, the tiles and the split from the shape alone (deterministic). Explicit values are for
+    tests that exercise masks, tails, merges of many splits, and both walks on the same shape."""
     if geometry.outer * geometry.inner * geometry.channels == 0:
         raise ValueError(f"fusedres kernels: nothing to launch over an empty tensor ({geometry}); the op layer "
                          f"handles empty inputs without kernels")
-    tile = _TILE_ELEMENTS_INTERPRETED if INTERPRETING else _TILE_ELEMENTS
-    if target_programs is None:
-        target_programs = _TARGET_PROGRAMS_INTERPRETED if INTERPRETING else _TARGET_PROGRAMS
-    c_pow2 = triton.next_power_of_2(max(geometry.channels, 1))
-    i_pow2 = triton.next_power_of_2(max(geometry.inner, 1))
-    if block_channels is None:
-        if channels_contiguous:  # channels_last: a row of channels is the coalesced direction
-            block_channels = min(c_pow2, 64)
-        else:  # NCHW: the rows of a channel are; take several channels when a channel's rows are few
-            block_channels = min(c_pow2, max(1, tile // min(i_pow2, 1024)))
-    if block_inner is None:
-        block_inner = min(i_pow2, max(1, tile // block_channels))
-    inner_blocks = triton.cdiv(geometry.inner, block_inner)
+    k = CONSTANTS
+    c_pow2 = triton.next_power_of_2(geometry.channels)
+    i_pow2 = triton.next_power_of_2(geometry.inner)
+    if slab and geometry.channels_last:
+        raise ValueError("fusedres kernels: the slab walk reads NCHW tensors; this one is channels_last")
+    if slab is None:
+        slab = (not geometry.channels_last and (geometry.inner * itemsize) % 16 != 0
+                and geometry.inner <= k.slab_max_inner)
+    if slab:
+        block_rows = i_pow2
+        if block_channels is None:
+            block_channels = min(c_pow2, max(1, k.tile_elements // block_rows))
+    else:
+        if block_channels is None:
+            if geometry.channels_last:  # a row of channels is the coalesced direction
+                block_channels = min(c_pow2, max(1, k.row_bytes // itemsize))
+            else:  # NCHW: the rows of a channel are; take several channels when a channel's rows are few
+                block_channels = min(c_pow2, max(1, k.tile_elements // min(i_pow2, 1024)))
+        if block_rows is None:
+            block_rows = min(i_pow2, max(1, k.tile_elements // block_channels))
+    inner_blocks = triton.cdiv(geometry.inner, block_rows)
     chunks = geometry.outer * inner_blocks
     channel_blocks = triton.cdiv(geometry.channels, block_channels)
-    wanted_splits = max(1, min(chunks, triton.cdiv(target_programs, channel_blocks)))
+    if target_programs is None:
+        wanted_splits = min(k.max_splits, triton.cdiv(k.target_programs, channel_blocks))
+    else:
+        wanted_splits = triton.cdiv(target_programs, channel_blocks)
+    wanted_splits = max(1, min(chunks, wanted_splits))
     chunks_per_split = triton.cdiv(chunks, wanted_splits)
     splits = triton.cdiv(chunks, chunks_per_split)  # every split gets at least one chunk
-    num_warps = 8 if block_inner * block_channels >= 4096 else 4
-    return TilePlan(block_inner, block_channels, num_warps, inner_blocks, chunks, chunks_per_split, splits,
-                    channel_blocks)
+    return TilePlan(block_rows, block_channels, k.num_warps(block_rows * block_channels), inner_blocks, chunks,
+                    chunks_per_split, splits, channel_blocks, slab)
+
+
+def stride_alignment(geometry: ChannelGeometry, plan: TilePlan, strides: list[tuple[int, int, int]]) -> int:
+    """A power of two (at most 16) that the kernels may promise the compiler (``tl.multiple_of``) so that
+    accesses along the contiguous dimension become vectors, beyond the multiples of 16 the JIT already hints: it
+    divides, for every operand, each stride that moves across the contiguous dimension, and the extent along it
+    (so that masks are constant over a vector). Rows walk, channels_last: the row strides and the channel count;
+    NCHW: the sample and channel strides and H*W. Slab walk: the sample strides and the channel count, at most
+    the channel block (a slab starts at a multiple of it)."""
+    if plan.slab:
+        values = [geometry.channels, plan.block_channels] + [outer for outer, _, _ in strides]
+    elif geometry.channels_last:
+        values = [geometry.channels] + [inner for _, inner, _ in strides]
+    else:
+        values = [geometry.inner] + [s for outer, _, channel in strides for s in (outer, channel)]
+    return min(_power_of_two_divisor(v) for v in values)

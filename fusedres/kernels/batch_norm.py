@@ -1,15 +1,19 @@
 """Batch-norm (+ residual add) + ReLU kernels, forward and backward, and their launchers.
 
-Bytes per element moved (e = element size; DESIGN.md's floors):
-  inference / training normalize pass: read x [, residual], write y            2e [3e]
-  training statistics pass:            read x                                  1e
-  backward reduce pass:                read dy, x [, y], write [dz]            2e [4e]; eval mode also writes dx
-  backward dx pass:                    read dy, x (mask recomputed) or dz, x, write dx   3e
-Per-channel vectors (mean, var, weight, bias, partial sums) are negligible next to these.
+Launches and bytes per element moved (e = element size; docs/design.md's floors):
+  inference:          apply                                  read x [, r], write y              2e [3e]
+  training forward:   statistics (+ merge, running stats)    read x                             1e
+                      apply                                  read x [, r], write y              2e [3e]
+  training backward:  reduce (+ merge, dweight, dbias)       read dy, x [, y], write [dz]       2e [4e]
+                      dx                                     read dy or dz, x, write dx         3e
+  eval backward:      reduce, writing dx itself              read dy, x [, y], write dx [, dz]  3e [5e]
+Per-channel vectors (statistics, weight, bias, partial rows) are negligible next to these.
 
-Every kernel walks the tensors as described in ``_launch.py``: program ``(channel block, split)`` visits the
-chunks of its split, each a ``[BLOCK_INNER, BLOCK_C]`` tile. Reductions write one partial row per split and a
-second kernel merges the rows in a fixed order: no atomics, bitwise deterministic.
+Every kernel walks its tensors as ``_launch.py`` describes: program ``(channel block, split)`` visits the chunks of
+its split one ``[BLOCK_R, BLOCK_C]`` tile at a time (rows x channels), through ``_load_tile``/``_store_tile``.
+A reduction writes one partial row per split; the last program of each channel block to finish merges the rows
+in split order (``_last_to_finish``): one launch, no float atomics, bitwise deterministic. Per-channel vectors
+are read through their own strides (a column of a matrix, an expanded scalar).
 """
 from __future__ import annotations
 
@@ -17,29 +21,204 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, launch, needs_int64, plan_tiles
+from ._launch import (CONSTANTS, ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, launch, needs_int64,
+                      plan_tiles, stride_alignment, ticket_counters)
+
+# ----------------------------------------------------------------------------------------------------------
+# The walk: where a program's channels and chunks are, and how a tile is read and written.
+# Walk constexprs shared by every kernel: BLOCK_R x BLOCK_C, the tile; CHANNELS_LAST, the geometry; SLAB_INNER,
+# H*W when tiles are read as slabs (0: as rows of pointers); ALIGN, a power of two dividing every stride across
+# the contiguous dimension and the extent along it (a promise to the compiler, see stride_alignment); INT64, the
+# 64-bit offset switch.
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _channel_block(channels, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """This program's first channel, its channel offsets and which of them exist."""
+    if CHANNELS_LAST and ALIGN > 1:
+        channels = tl.multiple_of(channels, ALIGN)  # the channel mask is then constant over a vector
+    c0 = tl.program_id(0) * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    return c0, offs_c, offs_c < channels
 
 
 @triton.jit
-def _tile_offsets(chunk, inner_blocks, offs_c, stride_outer, stride_inner, stride_channel,
-                  BLOCK_INNER: tl.constexpr, INT64: tl.constexpr):
-    """Element offsets of one chunk's tile for a tensor with the given strides."""
-    outer_index = chunk // inner_blocks
-    rows = (chunk - outer_index * inner_blocks) * BLOCK_INNER + tl.arange(0, BLOCK_INNER)
+def _split_chunks(chunks, chunks_per_split):
+    """The range of chunks of this program's split."""
+    first = tl.program_id(1) * chunks_per_split
+    return first, tl.minimum(first + chunks_per_split, chunks)
+
+
+@triton.jit
+def _tile_rows(chunk, inner, inner_blocks, BLOCK_R: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+               SLAB_INNER: tl.constexpr, ALIGN: tl.constexpr):
+    """One chunk's outer index, row indices, and which rows exist."""
+    if SLAB_INNER > 0:
+        inner = SLAB_INNER
+    elif not CHANNELS_LAST and ALIGN > 1:
+        inner = tl.multiple_of(inner, ALIGN)  # the row mask is then constant over a vector
+    outer = chunk // inner_blocks
+    rows = (chunk - outer * inner_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return outer, rows, rows < inner
+
+
+@triton.jit
+def _tile_offsets(outer, rows, offs_c, stride_outer, stride_inner, stride_channel, CHANNELS_LAST: tl.constexpr,
+                  ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """Element offsets of a rows-walk tile of a tensor with these strides."""
+    if ALIGN > 1:  # the strides across the contiguous dimension: vectors along it start aligned
+        if CHANNELS_LAST:
+            stride_inner = tl.multiple_of(stride_inner, ALIGN)
+        else:
+            stride_outer = tl.multiple_of(stride_outer, ALIGN)
+            stride_channel = tl.multiple_of(stride_channel, ALIGN)
     if INT64:
-        outer_index = outer_index.to(tl.int64)
+        outer = outer.to(tl.int64)
         rows = rows.to(tl.int64)
         offs_c = offs_c.to(tl.int64)
-    return outer_index * stride_outer + rows[:, None] * stride_inner + offs_c[None, :] * stride_channel
+    return outer * stride_outer + rows[:, None] * stride_inner + offs_c[None, :] * stride_channel
 
 
 @triton.jit
-def _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER: tl.constexpr):
-    outer_index = chunk // inner_blocks
-    first_row = (chunk - outer_index * inner_blocks) * BLOCK_INNER
-    rows = first_row + tl.arange(0, BLOCK_INNER)
-    return (rows < inner)[:, None] & mask_c[None, :], tl.minimum(inner - first_row, BLOCK_INNER)
+def _slab(outer, c0, channels, stride_outer, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+          SLAB_INNER: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """A slab-walk tile as a flat run: its first element, the flat indices, and which of them exist. The
+    channels of one sample are contiguous in NCHW, so channels c0 .. c0 + BLOCK_C of sample ``outer`` are one
+    run of up to BLOCK_C * SLAB_INNER elements."""
+    present = tl.minimum(channels - c0, BLOCK_C)
+    if ALIGN > 1:
+        stride_outer = tl.multiple_of(stride_outer, ALIGN)
+        present = tl.multiple_of(present, ALIGN)
+    if INT64:
+        outer = outer.to(tl.int64)
+        c0 = c0.to(tl.int64)
+    flat = tl.arange(0, BLOCK_R * BLOCK_C)
+    return outer * stride_outer + c0 * SLAB_INNER, flat, flat < present * SLAB_INNER
 
+
+@triton.jit
+def _load_tile(ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, stride_outer, stride_inner,
+               stride_channel, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """A ``[BLOCK_R, BLOCK_C]`` tile in the accumulator dtype, 0 where rows or channels do not exist."""
+    mask = row_mask[:, None] & mask_c[None, :]
+    if SLAB_INNER > 0:
+        start, flat, present = _slab(outer, c0, channels, stride_outer, BLOCK_R, BLOCK_C, SLAB_INNER, ALIGN, INT64)
+        values = tl.load(ptr + start + flat, mask=present, other=0.0).to(ACC)
+        # Regroup in registers: element (row r, channel c) of the tile is element c * H*W + r of the run.
+        index = tl.arange(0, BLOCK_C)[None, :] * SLAB_INNER + tl.minimum(tl.arange(0, BLOCK_R)[:, None],
+                                                                        SLAB_INNER - 1)
+        tile = tl.reshape(tl.gather(values, tl.reshape(index, [BLOCK_R * BLOCK_C]), 0), [BLOCK_R, BLOCK_C])
+        tile = tl.where(mask, tile, 0.0)
+    else:
+        offs = _tile_offsets(outer, rows, offs_c, stride_outer, stride_inner, stride_channel, CHANNELS_LAST, ALIGN,
+                             INT64)
+        tile = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptr, tile, outer, rows, row_mask, c0, offs_c, mask_c, channels, stride_outer, stride_inner,
+                stride_channel, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                SLAB_INNER: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """Store a ``[BLOCK_R, BLOCK_C]`` tile (converted to ptr's dtype) where its rows and channels exist."""
+    if SLAB_INNER > 0:
+        start, flat, present = _slab(outer, c0, channels, stride_outer, BLOCK_R, BLOCK_C, SLAB_INNER, ALIGN, INT64)
+        channel = flat // SLAB_INNER
+        row = flat - channel * SLAB_INNER
+        values = tl.gather(tl.reshape(tile, [BLOCK_R * BLOCK_C]), row * BLOCK_C + tl.minimum(channel, BLOCK_C - 1), 0)
+        tl.store(ptr + start + flat, values.to(ptr.dtype.element_ty), mask=present)
+    else:
+        offs = _tile_offsets(outer, rows, offs_c, stride_outer, stride_inner, stride_channel, CHANNELS_LAST, ALIGN,
+                             INT64)
+        tl.store(ptr + offs, tile.to(ptr.dtype.element_ty), mask=row_mask[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _load_vector(ptr, stride, offs_c, mask_c, other, ACC: tl.constexpr, INT64: tl.constexpr):
+    """A per-channel vector, read through its stride."""
+    if INT64:
+        offs_c = offs_c.to(tl.int64)
+    return tl.load(ptr + offs_c * stride, mask=mask_c, other=other).to(ACC)
+
+
+@triton.jit
+def _store_vector(ptr, stride, value, offs_c, mask_c, INT64: tl.constexpr):
+    if INT64:
+        offs_c = offs_c.to(tl.int64)
+    tl.store(ptr + offs_c * stride, value.to(ptr.dtype.element_ty), mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merging partial rows: the last program of a channel block to finish merges every split's row, in split order.
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _last_to_finish(ticket_ptr, programs):
+    """Whether this program is the last of ``programs`` to get here, after PyTorch's ``Reduce.cuh``
+    (``mark_block_finished``) and apex's Welford ``c_last``: a barrier, so that every thread's partial-row
+    stores come before the ticket; an acq_rel ticket at GPU scope, so that they are visible to the program
+    that draws the last ticket. That program sets the counter back to zero for the next launch on the stream.
+    Its partial-row loads bypass L1 (``.cg``). The counters are integers: no float atomics anywhere."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == programs - 1
+    tl.store(ticket_ptr, 0, mask=last)
+    return last
+
+
+@triton.jit
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.: the count, mean and sum of squared deviations of two disjoint sets. Deviations are always
+    taken from a mean, so there is no E[x^2] - E[x]^2 cancellation. An empty pair merges to zeros."""
+    count = count_a + count_b
+    fraction = count_b / tl.maximum(count, 1.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * fraction, m2_a + m2_b + delta * delta * count_a * fraction
+
+
+@triton.jit
+def _merge_statistics(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Count, mean and M2 per channel from the ``[3, splits, channels]`` partial rows, BLOCK_S rows at a time."""
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    rows = splits * channels
+    for s0 in range(0, splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = (offs_s < splits)[:, None] & mask_c[None, :]
+        offs = offs_s[:, None] * channels + offs_c[None, :]
+        part_count = tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_mean = tl.load(partial_ptr + rows + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_m2 = tl.load(partial_ptr + 2 * rows + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        block_count = tl.sum(part_count, axis=0)
+        block_mean = tl.sum(part_count * part_mean, axis=0) / tl.maximum(block_count, 1.0)
+        deviation = tl.where(mask, part_mean - block_mean[None, :], 0.0)
+        block_m2 = tl.sum(part_m2 + part_count * deviation * deviation, axis=0)
+        count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, block_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """The two per-channel sums of the backward from the ``[2, splits, channels]`` partial rows, in split order."""
+    first = tl.zeros([BLOCK_C], dtype=ACC)
+    second = tl.zeros([BLOCK_C], dtype=ACC)
+    rows = splits * channels
+    for s0 in range(0, splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = (offs_s < splits)[:, None] & mask_c[None, :]
+        offs = offs_s[:, None] * channels + offs_c[None, :]
+        first += tl.sum(tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        second += tl.sum(tl.load(partial_ptr + rows + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    return first, second
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-channel arithmetic shared by the forward and the backward.
+# ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _scalar(value, residue, ACC: tl.constexpr):
@@ -49,25 +228,25 @@ def _scalar(value, residue, ACC: tl.constexpr):
 
 
 @triton.jit
-def _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue, offs_c, mask_c,
-                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel ``scale, shift, invstd`` such that ``bn(x) = x * scale + shift``.
+def _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
+                    eps, eps_residue, offs_c, mask_c, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACC: tl.constexpr, INT64: tl.constexpr):
+    """Per-channel ``scale, shift, mean, invstd`` such that ``bn(x) = x * scale + shift``.
 
     The forward and the backward both call this, so the ReLU mask the backward recomputes is bit for bit the
     forward's."""
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
-    var_eps = var + _scalar(eps, eps_residue, ACC)
+    mean = _load_vector(mean_ptr, mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
+    var_eps = _load_vector(var_ptr, var_stride, offs_c, mask_c, 1.0, ACC, INT64) + _scalar(eps, eps_residue, ACC)
     if ACC == tl.float64:
         invstd = 1.0 / tl.sqrt(var_eps)  # IEEE for fp64; sqrt_rn exists for fp32 only
     else:
         invstd = 1.0 / tl.sqrt_rn(var_eps)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
+        scale = scale * _load_vector(weight_ptr, weight_stride, offs_c, mask_c, 1.0, ACC, INT64)
     shift = -mean * scale
     if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        shift = shift + _load_vector(bias_ptr, bias_stride, offs_c, mask_c, 0.0, ACC, INT64)
     return scale, shift, mean, invstd
 
 
@@ -77,286 +256,280 @@ def _relu(z):
     return tl.where(z < 0, 0.0, z)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bn_stats_kernel(
+    x_ptr,
+    partial_ptr,                 # [3, splits, channels] scratch: each split's count, mean and M2
+    ticket_ptr,                  # [channel_blocks] int32 counters: zero on entry, left zero
+    mean_ptr, var_ptr,           # [channels] out: batch mean and biased variance (accumulator dtype)
+    running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
+    num_batches_tracked_ptr,     # CUMULATIVE: the running-statistics factor is 1 / num_batches_tracked
+    momentum, momentum_residue,  # otherwise it is momentum (two fp32 parts)
+    count,                       # values per channel, N * H * W: the unbiased variance's n / (n - 1)
+    channels, inner, inner_blocks, chunks, chunks_per_split,
+    x_stride_outer, x_stride_inner, x_stride_channel,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
+    ALIGN: tl.constexpr, INT64: tl.constexpr,
+):
+    """Batch mean and variance per channel (Chan merges of tiles, then of splits), and the running statistics
+    moved toward them: running = (1 - f) running + f batch, unbiased variance, as eager computes it."""
+    c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
+    count_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    first, last = _split_chunks(chunks, chunks_per_split)
+    for chunk in range(first, last):
+        outer, rows, row_mask = _tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
+        x = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
+                       x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        tile_count = tl.sum(row_mask.to(ACC), axis=0)
+        tile_mean = tl.sum(x, axis=0) / tile_count
+        deviation = tl.where(row_mask[:, None] & mask_c[None, :], x - tile_mean[None, :], 0.0)
+        count_acc, mean, m2 = _chan_merge(count_acc, mean, m2, tile_count, tile_mean,
+                                          tl.sum(deviation * deviation, axis=0))
+    splits = tl.num_programs(1)
+    row = tl.program_id(1) * channels + offs_c
+    tl.store(partial_ptr + row, count_acc, mask=mask_c)
+    tl.store(partial_ptr + splits * channels + row, mean, mask=mask_c)
+    tl.store(partial_ptr + 2 * splits * channels + row, m2, mask=mask_c)
+    if _last_to_finish(ticket_ptr + tl.program_id(0), splits):
+        count_all, mean_all, m2_all = _merge_statistics(partial_ptr, splits, channels, offs_c, mask_c, ACC,
+                                                        BLOCK_S, BLOCK_C)
+        var = m2_all / tl.maximum(count_all, 1.0)
+        tl.store(mean_ptr + offs_c, mean_all, mask=mask_c)
+        tl.store(var_ptr + offs_c, var, mask=mask_c)
+        if UPDATE_RUNNING:
+            if CUMULATIVE:
+                factor = 1.0 / tl.load(num_batches_tracked_ptr).to(ACC)
+            else:
+                factor = _scalar(momentum, momentum_residue, ACC)
+            n = tl.cast(count, ACC)
+            running_mean = _load_vector(running_mean_ptr, running_mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
+            running_var = _load_vector(running_var_ptr, running_var_stride, offs_c, mask_c, 0.0, ACC, INT64)
+            # eager's form: an infinite running value stays infinite ((b - r) would make it NaN)
+            _store_vector(running_mean_ptr, running_mean_stride, (1.0 - factor) * running_mean + factor * mean_all,
+                          offs_c, mask_c, INT64)
+            _store_vector(running_var_ptr, running_var_stride,
+                          (1.0 - factor) * running_var + factor * (var * (n / (n - 1.0))), offs_c, mask_c, INT64)
+
+
 @triton.jit
 def _bn_act_apply_kernel(
-    x_ptr, residual_ptr, y_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
+    x_ptr, residual_ptr, y_ptr,
+    mean_ptr, mean_stride, var_ptr, var_stride,  # the batch's statistics, or the running ones
+    weight_ptr, weight_stride, bias_ptr, bias_stride,
+    eps, eps_residue,                            # two fp32 parts
     channels, inner, inner_blocks, chunks, chunks_per_split,
     x_stride_outer, x_stride_inner, x_stride_channel,
     residual_stride_outer, residual_stride_inner, residual_stride_channel,
     y_stride_outer, y_stride_inner, y_stride_channel,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_INNER: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
+    ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
-    """y = relu(x * scale + shift [+ residual]), statistics given (running ones, or the batch's)."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    scale, shift, _mean, _invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
-                                                   offs_c, mask_c, HAS_WEIGHT, HAS_BIAS, ACC)
-    first = tl.program_id(1) * chunks_per_split
-    for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
-        x_offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
-                               x_stride_channel, BLOCK_INNER, INT64)
-        z = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC) * scale[None, :] + shift[None, :]
+    """y = relu(x * scale + shift [+ residual])."""
+    c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
+    scale, shift, _mean, _invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
+                                                   weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
+                                                   mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
+    first, last = _split_chunks(chunks, chunks_per_split)
+    for chunk in range(first, last):
+        outer, rows, row_mask = _tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
+        z = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
+                       x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN,
+                       INT64) * scale[None, :] + shift[None, :]
         if HAS_RESIDUAL:
-            r_offs = _tile_offsets(chunk, inner_blocks, offs_c, residual_stride_outer,
-                                   residual_stride_inner, residual_stride_channel, BLOCK_INNER, INT64)
-            z += tl.load(residual_ptr + r_offs, mask=mask, other=0.0).to(ACC)
-        y_offs = _tile_offsets(chunk, inner_blocks, offs_c, y_stride_outer, y_stride_inner,
-                               y_stride_channel, BLOCK_INNER, INT64)
-        tl.store(y_ptr + y_offs, _relu(z).to(y_ptr.dtype.element_ty), mask=mask)
+            z += _load_tile(residual_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, residual_stride_outer,
+                            residual_stride_inner, residual_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
+                            SLAB_INNER, ALIGN, INT64)
+        _store_tile(y_ptr, _relu(z), outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer,
+                    y_stride_inner, y_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
 
 
-@triton.jit
-def _bn_stats_partial_kernel(
-    x_ptr, partial_count_ptr, partial_mean_ptr, partial_m2_ptr,
-    channels, inner, inner_blocks, chunks, chunks_per_split,
-    x_stride_outer, x_stride_inner, x_stride_channel,
-    ACC: tl.constexpr, BLOCK_INNER: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
-):
-    """Per split and channel: count, mean and sum of squared deviations, merging tiles with Chan's formula."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    first = tl.program_id(1) * chunks_per_split
-    for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
-        offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
-                             x_stride_channel, BLOCK_INNER, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tile_count = rows.to(ACC)
-        tile_mean = tl.sum(x, axis=0) / tile_count
-        deviation = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(deviation * deviation, axis=0)
-        merged = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / merged)
-        m2 += tile_m2 + delta * delta * (count * tile_count / merged)
-        count = merged
-    out = tl.program_id(1) * channels + offs_c
-    tl.store(partial_count_ptr + out, count, mask=mask_c)
-    tl.store(partial_mean_ptr + out, mean, mask=mask_c)
-    tl.store(partial_m2_ptr + out, m2, mask=mask_c)
-
+# ----------------------------------------------------------------------------------------------------------
+# Backward. For y = relu(z), z = xhat * w + b [+ r], xhat = (x - mean) * invstd, per channel over the
+# M = N * H * W values of the batch:
+#   dz      = dy where z > 0, else 0                  (also the residual's gradient)
+#   dbias   = sum(dz),  dweight = sum(dz * xhat)
+#   dx      = w * invstd * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)     batch statistics (training)
+#   dx      = w * invstd * dz                                                 frozen statistics: one pass
+# The mask z > 0: without a residual, z = x * scale + shift is recomputed from x with the forward's own
+# arithmetic (_channel_affine), so the backward reads dy and x only. With one, z needs r as well; the mask is
+# then read from the saved output instead (y > 0 exactly where z > 0; a NaN y is not > 0, as eager's
+# threshold_backward on relu's result), and the reduce pass writes dz, which the dx pass reads in place of dy:
+# 4e + 3e, where re-reading y in the dx pass would also cost 7e.
+# ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bn_stats_finalize_kernel(
-    partial_count_ptr, partial_mean_ptr, partial_m2_ptr, mean_ptr, var_ptr, channels, splits,
-    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Merge the splits: mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2); var = M2 / n.
-
-    Deviations are taken from the merged mean, so no E[x^2] - E[x]^2 cancellation."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    weighted_sum = tl.zeros([BLOCK_C], dtype=ACC)
-    for s0 in range(0, splits, BLOCK_SPLITS):
-        offs_s = s0 + tl.arange(0, BLOCK_SPLITS)
-        mask = (offs_s < splits)[:, None] & mask_c[None, :]
-        offs = offs_s[:, None] * channels + offs_c[None, :]
-        n = tl.load(partial_count_ptr + offs, mask=mask, other=0.0)
-        count += tl.sum(n, axis=0)
-        weighted_sum += tl.sum(n * tl.load(partial_mean_ptr + offs, mask=mask, other=0.0), axis=0)
-    count = tl.where(mask_c, count, 1.0)  # channels past the end: no 0 / 0
-    mean = weighted_sum / count
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for s0 in range(0, splits, BLOCK_SPLITS):
-        offs_s = s0 + tl.arange(0, BLOCK_SPLITS)
-        mask = (offs_s < splits)[:, None] & mask_c[None, :]
-        offs = offs_s[:, None] * channels + offs_c[None, :]
-        n = tl.load(partial_count_ptr + offs, mask=mask, other=0.0)
-        delta = tl.load(partial_mean_ptr + offs, mask=mask, other=0.0) - mean[None, :]
-        m2 += tl.sum(tl.load(partial_m2_ptr + offs, mask=mask, other=0.0) + n * delta * delta, axis=0)
-    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-    tl.store(var_ptr + offs_c, m2 / count, mask=mask_c)
-
-
-@triton.jit
-def _update_running_stats_kernel(
-    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, num_batches_tracked_ptr, momentum, momentum_residue, count,
-    channels,
-    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """running = (1 - f) running + f batch, with the unbiased batch variance; f = momentum, or
-    1 / num_batches_tracked (cumulative average), read on the device so there is no host sync."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    if CUMULATIVE:
-        factor = 1.0 / tl.load(num_batches_tracked_ptr).to(ACC)
-    else:
-        factor = _scalar(momentum, momentum_residue, ACC)
-    running_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c).to(ACC)
-    running_var = tl.load(running_var_ptr + offs_c, mask=mask_c).to(ACC)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c).to(ACC)
-    count_acc = tl.cast(count, ACC)
-    var = tl.load(var_ptr + offs_c, mask=mask_c).to(ACC) * (count_acc / (count_acc - 1.0))
-    running_mean = running_mean + factor * (mean - running_mean)
-    running_var = running_var + factor * (var - running_var)
-    tl.store(running_mean_ptr + offs_c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
-    tl.store(running_var_ptr + offs_c, running_var.to(running_var_ptr.dtype.element_ty), mask=mask_c)
-
-
-@triton.jit
-def _bn_act_backward_reduce_kernel(
-    grad_y_ptr, x_ptr, y_ptr, grad_z_ptr, grad_x_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
-    eps, eps_residue, partial_sum_dz_ptr, partial_sum_dz_xhat_ptr,
+def _bn_backward_reduce_kernel(
+    grad_y_ptr, x_ptr, y_ptr,
+    grad_z_ptr,                  # out (y's strides): dz, when WRITE_GRAD_Z
+    grad_x_ptr,                  # out (x's strides): dx with frozen statistics, when WRITE_GRAD_X
+    mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
+    eps, eps_residue,
+    partial_ptr,                 # [2, splits, channels] scratch: each split's sum(dz) and sum(dz * xhat)
+    ticket_ptr,                  # [channel_blocks] int32 counters: zero on entry, left zero
+    sums_ptr,                    # [2, channels] out: sum(dz), sum(dz * xhat) (accumulator dtype)
+    grad_weight_ptr, grad_bias_ptr,
     channels, inner, inner_blocks, chunks, chunks_per_split,
     grad_y_stride_outer, grad_y_stride_inner, grad_y_stride_channel,
     x_stride_outer, x_stride_inner, x_stride_channel,
     y_stride_outer, y_stride_inner, y_stride_channel,
     MASK_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_Z: tl.constexpr, WRITE_GRAD_X: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_INNER: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    MERGE: tl.constexpr,         # the sums are wanted (training, or dweight/dbias): write partials and merge
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
+    ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
-    """dz = dy * (pre-activation > 0); per split and channel: sum(dz) and sum(dz * xhat).
-
-    The mask comes from the saved output y when a residual was added (y > 0), else it is recomputed from x.
-    dz (the residual's gradient) and dx (frozen statistics: dx = dz * weight * invstd, the whole eval-mode
-    backward in this one pass) are written when asked; both have y's strides."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    scale, shift, mean, invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
-                                                 offs_c, mask_c, HAS_WEIGHT, HAS_BIAS, ACC)
+    """dz, and per channel sum(dz) and sum(dz * xhat), which are dbias and dweight."""
+    c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
+    scale, shift, mean, invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
+                                                 weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
+                                                 mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
     sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
-    first = tl.program_id(1) * chunks_per_split
-    for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
-        x_offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
-                               x_stride_channel, BLOCK_INNER, INT64)
-        dy_offs = _tile_offsets(chunk, inner_blocks, offs_c, grad_y_stride_outer, grad_y_stride_inner,
-                                grad_y_stride_channel, BLOCK_INNER, INT64)
-        y_offs = _tile_offsets(chunk, inner_blocks, offs_c, y_stride_outer, y_stride_inner,
-                               y_stride_channel, BLOCK_INNER, INT64)
-        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(grad_y_ptr + dy_offs, mask=mask, other=0.0).to(ACC)
+    first, last = _split_chunks(chunks, chunks_per_split)
+    for chunk in range(first, last):
+        outer, rows, row_mask = _tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
+        x = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
+                       x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        dy = _load_tile(grad_y_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, grad_y_stride_outer,
+                        grad_y_stride_inner, grad_y_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
+                        SLAB_INNER, ALIGN, INT64)
         if MASK_FROM_OUTPUT:
-            keep = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(ACC) > 0
+            keep = _load_tile(y_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer,
+                              y_stride_inner, y_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
+                              ALIGN, INT64) > 0
         else:
             keep = x * scale[None, :] + shift[None, :] > 0
-        dz = tl.where(keep & mask, dy, 0.0)
+        dz = tl.where(keep, dy, 0.0)  # 0 where rows or channels do not exist: the tiles are 0 there
         if WRITE_GRAD_Z:
-            tl.store(grad_z_ptr + y_offs, dz.to(grad_z_ptr.dtype.element_ty), mask=mask)
+            _store_tile(grad_z_ptr, dz, outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer,
+                        y_stride_inner, y_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
         if WRITE_GRAD_X:
-            tl.store(grad_x_ptr + x_offs, (dz * scale[None, :]).to(grad_x_ptr.dtype.element_ty),
-                     mask=mask)
-        sum_dz += tl.sum(dz, axis=0)
-        sum_dz_xhat += tl.sum(dz * ((x - mean[None, :]) * invstd[None, :]), axis=0)
-    out = tl.program_id(1) * channels + offs_c
-    tl.store(partial_sum_dz_ptr + out, sum_dz, mask=mask_c)
-    tl.store(partial_sum_dz_xhat_ptr + out, sum_dz_xhat, mask=mask_c)
-
-
-@triton.jit
-def _bn_backward_finalize_kernel(
-    partial_sum_dz_ptr, partial_sum_dz_xhat_ptr, sum_dz_ptr, sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
-    channels, splits,
-    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Sum the splits in a fixed order: sum(dz) is dbias, sum(dz * xhat) is dweight."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
-    for s0 in range(0, splits, BLOCK_SPLITS):
-        offs_s = s0 + tl.arange(0, BLOCK_SPLITS)
-        mask = (offs_s < splits)[:, None] & mask_c[None, :]
-        offs = offs_s[:, None] * channels + offs_c[None, :]
-        sum_dz += tl.sum(tl.load(partial_sum_dz_ptr + offs, mask=mask, other=0.0), axis=0)
-        sum_dz_xhat += tl.sum(tl.load(partial_sum_dz_xhat_ptr + offs, mask=mask, other=0.0), axis=0)
-    tl.store(sum_dz_ptr + offs_c, sum_dz, mask=mask_c)
-    tl.store(sum_dz_xhat_ptr + offs_c, sum_dz_xhat, mask=mask_c)
-    if WRITE_GRAD_WEIGHT:
-        tl.store(grad_weight_ptr + offs_c, sum_dz_xhat.to(grad_weight_ptr.dtype.element_ty), mask=mask_c)
-    if WRITE_GRAD_BIAS:
-        tl.store(grad_bias_ptr + offs_c, sum_dz.to(grad_bias_ptr.dtype.element_ty), mask=mask_c)
+            _store_tile(grad_x_ptr, dz * scale[None, :], outer, rows, row_mask, c0, offs_c, mask_c, channels,
+                        x_stride_outer, x_stride_inner, x_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST,
+                        SLAB_INNER, ALIGN, INT64)
+        if MERGE:
+            sum_dz += tl.sum(dz, axis=0)
+            xhat = tl.where(row_mask[:, None], (x - mean[None, :]) * invstd[None, :], 0.0)
+            sum_dz_xhat += tl.sum(dz * xhat, axis=0)
+    if MERGE:
+        splits = tl.num_programs(1)
+        row = tl.program_id(1) * channels + offs_c
+        tl.store(partial_ptr + row, sum_dz, mask=mask_c)
+        tl.store(partial_ptr + splits * channels + row, sum_dz_xhat, mask=mask_c)
+        if _last_to_finish(ticket_ptr + tl.program_id(0), splits):
+            total_dz, total_dz_xhat = _merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC, BLOCK_S,
+                                                  BLOCK_C)
+            tl.store(sums_ptr + offs_c, total_dz, mask=mask_c)
+            tl.store(sums_ptr + channels + offs_c, total_dz_xhat, mask=mask_c)
+            if WRITE_GRAD_WEIGHT:
+                tl.store(grad_weight_ptr + offs_c, total_dz_xhat.to(grad_weight_ptr.dtype.element_ty), mask=mask_c)
+            if WRITE_GRAD_BIAS:
+                tl.store(grad_bias_ptr + offs_c, total_dz.to(grad_bias_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
 def _bn_backward_dx_kernel(
-    grad_ptr, x_ptr, grad_x_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
-    sum_dz_ptr, sum_dz_xhat_ptr, count, channels, inner, inner_blocks, chunks, chunks_per_split,
+    grad_ptr,                    # dz, or dy when GRAD_IS_DY (the mask then recomputed from x)
+    x_ptr, grad_x_ptr,
+    mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
+    eps, eps_residue,
+    sums_ptr,                    # [2, channels]: sum(dz), sum(dz * xhat), from the reduce pass
+    count,                       # M = N * H * W
+    channels, inner, inner_blocks, chunks, chunks_per_split,
     grad_stride_outer, grad_stride_inner, grad_stride_channel,
     x_stride_outer, x_stride_inner, x_stride_channel,
     grad_x_stride_outer, grad_x_stride_inner, grad_x_stride_channel,
     GRAD_IS_DY: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_INNER: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
+    ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
-    """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), batch statistics.
-
-    ``grad`` is dz itself, or dy when GRAD_IS_DY, the ReLU mask then recomputed from x as in the forward."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    scale, shift, mean, invstd = _channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, eps_residue,
-                                                 offs_c, mask_c, HAS_WEIGHT, HAS_BIAS, ACC)
+    """dx with batch statistics (see the derivation above)."""
+    c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
+    scale, shift, mean, invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
+                                                 weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
+                                                 mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
     inv_count = 1.0 / tl.cast(count, ACC)  # in-kernel, so that fp64 keeps fp64 (a float argument is fp32)
-    mean_dz = tl.load(sum_dz_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
-    mean_dz_xhat = tl.load(sum_dz_xhat_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
-    first = tl.program_id(1) * chunks_per_split
-    for chunk in range(first, tl.minimum(first + chunks_per_split, chunks)):
-        mask, _rows = _tile_mask(chunk, inner, inner_blocks, mask_c, BLOCK_INNER)
-        x_offs = _tile_offsets(chunk, inner_blocks, offs_c, x_stride_outer, x_stride_inner,
-                               x_stride_channel, BLOCK_INNER, INT64)
-        g_offs = _tile_offsets(chunk, inner_blocks, offs_c, grad_stride_outer, grad_stride_inner,
-                               grad_stride_channel, BLOCK_INNER, INT64)
-        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.load(grad_ptr + g_offs, mask=mask, other=0.0).to(ACC)
+    mean_dz = tl.load(sums_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
+    mean_dz_xhat = tl.load(sums_ptr + channels + offs_c, mask=mask_c, other=0.0) * inv_count
+    first, last = _split_chunks(chunks, chunks_per_split)
+    for chunk in range(first, last):
+        outer, rows, row_mask = _tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
+        x = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
+                       x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        dz = _load_tile(grad_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, grad_stride_outer,
+                        grad_stride_inner, grad_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
+                        ALIGN, INT64)
         if GRAD_IS_DY:
             dz = tl.where(x * scale[None, :] + shift[None, :] > 0, dz, 0.0)
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]) * scale[None, :]
-        dx_offs = _tile_offsets(chunk, inner_blocks, offs_c, grad_x_stride_outer, grad_x_stride_inner,
-                                grad_x_stride_channel, BLOCK_INNER, INT64)
-        tl.store(grad_x_ptr + dx_offs, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        _store_tile(grad_x_ptr, dx, outer, rows, row_mask, c0, offs_c, mask_c, channels, grad_x_stride_outer,
+                    grad_x_stride_inner, grad_x_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN,
+                    INT64)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launchers. They take their outputs as arguments; only per-launch scratch (the partial rows) is theirs.
-# ``block_inner`` / ``block_channels`` override the shape heuristic (tests use small tiles for masks and tails).
+# Launchers. They take their outputs as arguments; only per-launch scratch (partial rows) and the per-stream
+# ticket counters are theirs. ``tiles`` (block_rows, block_channels, target_programs, slab) override the shape
+# heuristic: tests use them for masks, tails, merges of many splits, and both walks on one shape.
 # ----------------------------------------------------------------------------------------------------------
-
-_FINALIZE_BLOCK_C = 64
-_FINALIZE_BLOCK_SPLITS = 32
-
-
-def _strides(geometry: ChannelGeometry, t: torch.Tensor | None, name: str) -> tuple[int, int, int]:
-    if t is None:
-        return (0, 0, 0)
-    strides = geometry.strides(t)
-    if strides is None:
-        raise ValueError(f"fusedres kernels: {name} with strides {tuple(t.stride())} cannot be walked in the "
-                         f"input's layout; make it dense in that layout first")
-    return strides
-
-
-def walkable(x: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether the kernels can read ``t`` (same shape as the dense ``x``) through its strides in x's layout."""
-    return ChannelGeometry.of(x).strides(t) is not None
-
 
 def _plan(x: torch.Tensor, **tiles) -> tuple[ChannelGeometry, TilePlan]:
     geometry = ChannelGeometry.of(x)
-    return geometry, plan_tiles(geometry, channels_contiguous=geometry.outer == 1, **tiles)
+    return geometry, plan_tiles(geometry, x.element_size(), **tiles)
 
 
-def _walk_args(geometry: ChannelGeometry, plan: TilePlan) -> dict:
-    return dict(channels=geometry.channels, inner=geometry.inner, inner_blocks=plan.inner_blocks,
-                chunks=plan.chunks, chunks_per_split=plan.chunks_per_split,
-                BLOCK_INNER=plan.block_inner, BLOCK_C=plan.block_channels)
+def walkable(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` (same shape as the dense ``x``) through its strides, in the walk they
+    take over x."""
+    geometry, plan = _plan(x)
+    return (geometry.slab_strides(t) if plan.slab else geometry.strides(t)) is not None
+
+
+def _walk_args(geometry: ChannelGeometry, plan: TilePlan, operands: dict) -> dict:
+    """The walk's kernel arguments: the geometry, the split, the walk constexprs and every operand's
+    ``<name>_stride_{outer,inner,channel}``."""
+    strides = {}
+    for name, t in operands.items():
+        if t is None:
+            strides[name] = (0, 0, 0)
+            continue
+        strides[name] = geometry.slab_strides(t) if plan.slab else geometry.strides(t)
+        if strides[name] is None:
+            raise ValueError(f"fusedres kernels: {name} with strides {tuple(t.stride())} cannot be walked in the "
+                             f"input's layout; make it dense in that layout first")
+    args = dict(channels=geometry.channels, inner=geometry.inner, inner_blocks=plan.inner_blocks,
+                chunks=plan.chunks, chunks_per_split=plan.chunks_per_split, BLOCK_R=plan.block_rows,
+                BLOCK_C=plan.block_channels, CHANNELS_LAST=geometry.channels_last,
+                SLAB_INNER=geometry.inner if plan.slab else 0,
+                ALIGN=stride_alignment(geometry, plan, list(strides.values())))
+    for name, (outer, inner, channel) in strides.items():
+        args.update({f"{name}_stride_outer": outer, f"{name}_stride_inner": inner,
+                     f"{name}_stride_channel": channel})
+    return args
+
+
+def _vector_args(**vectors) -> dict:
+    """``<name>_ptr`` and ``<name>_stride`` of per-channel vectors (None: absent)."""
+    args = {}
+    for name, t in vectors.items():
+        args[f"{name}_ptr"] = t
+        args[f"{name}_stride"] = 0 if t is None else t.stride(0)
+    return args
 
 
 def _eps_args(eps: float) -> dict:
     eps, eps_residue = fp32_parts(eps)
     return dict(eps=eps, eps_residue=eps_residue)
-
-
-def _stride_args(prefix: str, strides: tuple[int, int, int]) -> dict:
-    return {f"{prefix}_stride_outer": strides[0], f"{prefix}_stride_inner": strides[1],
-            f"{prefix}_stride_channel": strides[2]}
 
 
 def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, **tiles) -> None:
@@ -365,90 +538,71 @@ def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, **tiles)
         return
     geometry, plan = _plan(x, **tiles)
     launch(_bn_act_apply_kernel, plan.grid, dict(
-        x_ptr=x, residual_ptr=residual, y_ptr=out, mean_ptr=mean, var_ptr=var, weight_ptr=weight,
-        bias_ptr=bias, **_eps_args(eps), **_walk_args(geometry, plan),
-        **_stride_args("x", _strides(geometry, x, "input")),
-        **_stride_args("residual", _strides(geometry, residual, "residual")),
-        **_stride_args("y", _strides(geometry, out, "output")),
+        x_ptr=x, residual_ptr=residual, y_ptr=out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
+        **_eps_args(eps), **_walk_args(geometry, plan, dict(x=x, residual=residual, y=out)),
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         # An fp64 residual makes an fp64 output: keep its precision, as eager's fp64 add does.
-        ACC=accumulator_dtype(torch.promote_types(x.dtype, out.dtype)), INT64=needs_int64(x, residual, out)),
-        plan.num_warps)
+        ACC=accumulator_dtype(torch.promote_types(x.dtype, out.dtype)),
+        INT64=needs_int64(x, residual, out, mean, var, weight, bias)), plan.num_warps)
 
 
-def bn_batch_stats(x, mean_out, var_out, **tiles) -> None:
-    """mean_out, var_out = per-channel mean and biased variance of x (accumulator dtype)."""
-    geometry, plan = _plan(x, **tiles)
-    partial = torch.empty((3, plan.splits, geometry.channels), dtype=mean_out.dtype, device=x.device)
-    launch(_bn_stats_partial_kernel, plan.grid, dict(
-        x_ptr=x, partial_count_ptr=partial[0], partial_mean_ptr=partial[1], partial_m2_ptr=partial[2],
-        **_walk_args(geometry, plan), **_stride_args("x", _strides(geometry, x, "input")),
-        ACC=accumulator_dtype(x.dtype), INT64=needs_int64(x)), plan.num_warps)
-    launch(_bn_stats_finalize_kernel, (triton.cdiv(geometry.channels, _FINALIZE_BLOCK_C),), dict(
-        partial_count_ptr=partial[0], partial_mean_ptr=partial[1], partial_m2_ptr=partial[2],
-        mean_ptr=mean_out, var_ptr=var_out, channels=geometry.channels, splits=plan.splits,
-        ACC=accumulator_dtype(x.dtype), BLOCK_SPLITS=_FINALIZE_BLOCK_SPLITS, BLOCK_C=_FINALIZE_BLOCK_C), 4)
-
-
-def update_running_stats(running_mean, running_var, mean, var, momentum: float, count: int,
-                         num_batches_tracked=None) -> None:
-    """In place: running statistics moved toward the batch's (unbiased variance). With
-    ``num_batches_tracked`` the factor is ``1 / num_batches_tracked`` (momentum=None), read on the device."""
-    channels = running_mean.numel()
-    if channels == 0:
-        return
-    launch(_update_running_stats_kernel, (triton.cdiv(channels, _FINALIZE_BLOCK_C),), dict(
-        running_mean_ptr=running_mean, running_var_ptr=running_var, mean_ptr=mean, var_ptr=var,
-        num_batches_tracked_ptr=num_batches_tracked,
-        **dict(zip(("momentum", "momentum_residue"), fp32_parts(momentum))),
-        count=count, channels=channels,
-        CUMULATIVE=num_batches_tracked is not None, ACC=accumulator_dtype(mean.dtype),
-        BLOCK_C=_FINALIZE_BLOCK_C), 4)
-
-
-def bn_act_backward_reduce(grad_y, x, y, mean, var, weight, bias, eps: float, *, sum_dz_out, sum_dz_xhat_out,
-                           grad_z_out=None, grad_x_out=None, grad_weight_out=None, grad_bias_out=None,
-                           **tiles) -> None:
-    """sum(dz) and sum(dz * xhat) per channel, dz = grad_y * relu'(pre-activation).
-
-    ``y`` given: the mask is ``y > 0`` (a residual was added); else it is recomputed from x. Optionally writes
-    dz (``grad_z_out``, y's strides), dx = dz * weight * invstd (``grad_x_out``: frozen statistics), and
-    dweight / dbias."""
+def bn_batch_stats(x, mean_out, var_out, running_mean=None, running_var=None, *, momentum: float = 0.0,
+                   num_batches_tracked=None, **tiles) -> None:
+    """mean_out, var_out = per-channel mean and biased variance of x (accumulator dtype); with running statistics,
+    also moves them toward the batch's, in place: factor ``momentum``, or ``1 / num_batches_tracked`` read on the
+    device (momentum=None). One launch."""
     geometry, plan = _plan(x, **tiles)
     acc = accumulator_dtype(x.dtype)
-    partial = torch.empty((2, plan.splits, geometry.channels), dtype=sum_dz_out.dtype, device=x.device)
+    momentum_hi, momentum_lo = fp32_parts(momentum)
+    launch(_bn_stats_kernel, plan.grid, dict(
+        x_ptr=x, partial_ptr=torch.empty((3, plan.splits, geometry.channels), dtype=mean_out.dtype, device=x.device),
+        ticket_ptr=ticket_counters(x.device, plan.channel_blocks), mean_ptr=mean_out, var_ptr=var_out,
+        **_vector_args(running_mean=running_mean, running_var=running_var),
+        num_batches_tracked_ptr=num_batches_tracked, momentum=momentum_hi, momentum_residue=momentum_lo,
+        count=geometry.outer * geometry.inner, **_walk_args(geometry, plan, dict(x=x)),
+        UPDATE_RUNNING=running_mean is not None, CUMULATIVE=num_batches_tracked is not None, ACC=acc,
+        BLOCK_S=CONSTANTS.merge_block_splits, INT64=needs_int64(x, running_mean, running_var)), plan.num_warps)
+
+
+def bn_act_backward_reduce(grad_y, x, y, mean, var, weight, bias, eps: float, *, sums_out, grad_z_out=None,
+                           grad_x_out=None, grad_weight_out=None, grad_bias_out=None, need_sums: bool = True,
+                           **tiles) -> None:
+    """dz = grad_y * relu'(pre-activation) and, when ``need_sums``, ``sums_out`` = per-channel sum(dz) and
+    sum(dz * xhat) (a ``[2, channels]`` tensor in the accumulator dtype), dbias and dweight. One launch.
+
+    ``y`` given: the mask is ``y > 0`` (a residual was added); else it is recomputed from x. Optionally writes
+    dz (``grad_z_out``, y's strides), dx = dz * weight * invstd (``grad_x_out``, x's strides: frozen
+    statistics), and dweight / dbias (contiguous)."""
+    geometry, plan = _plan(x, **tiles)
     if grad_z_out is not None and y is not None and grad_z_out.stride() != y.stride():
         raise ValueError("fusedres kernels: grad_z_out must have the output's strides")
     if grad_x_out is not None and grad_x_out.stride() != x.stride():
         raise ValueError("fusedres kernels: grad_x_out must have the input's strides")
-    launch(_bn_act_backward_reduce_kernel, plan.grid, dict(
-        grad_y_ptr=grad_y, x_ptr=x, y_ptr=y, grad_z_ptr=grad_z_out, grad_x_ptr=grad_x_out, mean_ptr=mean,
-        var_ptr=var, weight_ptr=weight, bias_ptr=bias, **_eps_args(eps), partial_sum_dz_ptr=partial[0],
-        partial_sum_dz_xhat_ptr=partial[1], **_walk_args(geometry, plan),
-        **_stride_args("grad_y", _strides(geometry, grad_y, "grad_output")),
-        **_stride_args("x", _strides(geometry, x, "input")),
-        **_stride_args("y", _strides(geometry, y if y is not None else grad_z_out, "output")),
-        MASK_FROM_OUTPUT=y is not None, WRITE_GRAD_Z=grad_z_out is not None,
-        WRITE_GRAD_X=grad_x_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC=acc, INT64=needs_int64(grad_y, x, y, grad_z_out, grad_x_out)), plan.num_warps)
-    launch(_bn_backward_finalize_kernel, (triton.cdiv(geometry.channels, _FINALIZE_BLOCK_C),), dict(
-        partial_sum_dz_ptr=partial[0], partial_sum_dz_xhat_ptr=partial[1], sum_dz_ptr=sum_dz_out,
-        sum_dz_xhat_ptr=sum_dz_xhat_out, grad_weight_ptr=grad_weight_out, grad_bias_ptr=grad_bias_out,
-        channels=geometry.channels, splits=plan.splits, WRITE_GRAD_WEIGHT=grad_weight_out is not None,
-        WRITE_GRAD_BIAS=grad_bias_out is not None, ACC=acc, BLOCK_SPLITS=_FINALIZE_BLOCK_SPLITS,
-        BLOCK_C=_FINALIZE_BLOCK_C), 4)
+    need_sums = need_sums or grad_weight_out is not None or grad_bias_out is not None
+    launch(_bn_backward_reduce_kernel, plan.grid, dict(
+        grad_y_ptr=grad_y, x_ptr=x, y_ptr=y, grad_z_ptr=grad_z_out, grad_x_ptr=grad_x_out,
+        **_vector_args(mean=mean, var=var, weight=weight, bias=bias), **_eps_args(eps),
+        partial_ptr=torch.empty((2, plan.splits if need_sums else 0, geometry.channels), dtype=sums_out.dtype,
+                                device=x.device),
+        ticket_ptr=ticket_counters(x.device, plan.channel_blocks), sums_ptr=sums_out,
+        grad_weight_ptr=grad_weight_out, grad_bias_ptr=grad_bias_out,
+        **_walk_args(geometry, plan, dict(grad_y=grad_y, x=x, y=y if y is not None else grad_z_out)),
+        MASK_FROM_OUTPUT=y is not None, WRITE_GRAD_Z=grad_z_out is not None, WRITE_GRAD_X=grad_x_out is not None,
+        MERGE=need_sums, WRITE_GRAD_WEIGHT=grad_weight_out is not None, WRITE_GRAD_BIAS=grad_bias_out is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype),
+        BLOCK_S=CONSTANTS.merge_block_splits,
+        INT64=needs_int64(grad_y, x, y, grad_z_out, grad_x_out, mean, var, weight, bias)), plan.num_warps)
 
 
-def bn_backward_dx(grad, x, mean, var, weight, bias, eps: float, sum_dz, sum_dz_xhat, *, grad_is_dy: bool,
-                   grad_x_out, **tiles) -> None:
-    """grad_x_out = batch-norm input gradient with batch statistics, from dz (or from dy, mask recomputed)."""
+def bn_backward_dx(grad, x, mean, var, weight, bias, eps: float, sums, *, grad_is_dy: bool, grad_x_out,
+                   **tiles) -> None:
+    """grad_x_out = batch-norm input gradient with batch statistics, from dz (or from dy, mask recomputed);
+    ``sums`` is the reduce pass's ``[2, channels]`` sum(dz), sum(dz * xhat)."""
     geometry, plan = _plan(x, **tiles)
     launch(_bn_backward_dx_kernel, plan.grid, dict(
-        grad_ptr=grad, x_ptr=x, grad_x_ptr=grad_x_out, mean_ptr=mean, var_ptr=var, weight_ptr=weight,
-        bias_ptr=bias, **_eps_args(eps), sum_dz_ptr=sum_dz, sum_dz_xhat_ptr=sum_dz_xhat,
-        count=geometry.outer * geometry.inner,
-        **_walk_args(geometry, plan), **_stride_args("grad", _strides(geometry, grad, "gradient")),
-        **_stride_args("x", _strides(geometry, x, "input")),
-        **_stride_args("grad_x", _strides(geometry, grad_x_out, "grad_input")),
+        grad_ptr=grad, x_ptr=x, grad_x_ptr=grad_x_out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
+        **_eps_args(eps), sums_ptr=sums, count=geometry.outer * geometry.inner,
+        **_walk_args(geometry, plan, dict(grad=grad, x=x, grad_x=grad_x_out)),
         GRAD_IS_DY=grad_is_dy, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC=accumulator_dtype(x.dtype), INT64=needs_int64(grad, x, grad_x_out)), plan.num_warps)
+        ACC=accumulator_dtype(x.dtype), INT64=needs_int64(grad, x, grad_x_out, mean, var, weight, bias)),
+        plan.num_warps)
