@@ -111,7 +111,7 @@ def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bi
                         + ", ".join(f"{name} {t.dtype}" for name, t in given.items()))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together or both be None")
-    if not training and running_mean is None:
+    if not training and running_mean is None and input.numel() > 0:  # eager lets an empty batch through
         raise ValueError(f"{fn}: running_mean and running_var must be given in evaluation mode "
                          f"(training=False)")
     if running_mean is not None:
@@ -151,12 +151,19 @@ def add_relu(input: Tensor, residual: Tensor) -> Tensor:
     return ops.add_relu(input, residual)
 
 
+def _check_batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum,
+                          eps) -> None:
+    """Every check of a batch-norm (+ add) + ReLU call; errors name ``fn``. Modules call it before they touch their
+    own bookkeeping, so that a call that raises leaves them as they were."""
+    _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        _check_residual(fn, input, residual)
+
+
 def _batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """Validate (errors name ``fn``), then relu(batch_norm(input) [+ residual]). ``num_batches_tracked``
     (already incremented) selects nn.BatchNorm2d's cumulative average (momentum=None), computed on the device."""
-    _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if residual is not None:
-        _check_residual(fn, input, residual)
+    _check_batch_norm_act(fn, input, residual, running_mean, running_var, weight, bias, training, momentum, eps)
     return ops.batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                               num_batches_tracked)

@@ -33,17 +33,21 @@ class BatchNormReLU2d(nn.BatchNorm2d):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep_running else None
+        running_var = self.running_var if keep_running else None
+        name = type(self).__name__
+        # Checked before num_batches_tracked moves: a call that raises leaves the module as it was.
+        FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
+                                 use_batch_stats, momentum, self.eps)
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked, on the device
                 num_batches_tracked = self.num_batches_tracked
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        return FF._batch_norm_act(type(self).__name__, input, residual,
-                                  self.running_mean if keep_running else None,
-                                  self.running_var if keep_running else None,
-                                  self.weight, self.bias, use_batch_stats, momentum, self.eps, num_batches_tracked)
+        return FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
+                                  use_batch_stats, momentum, self.eps, num_batches_tracked)
 
     @classmethod
     def fuse(cls, batch_norm: nn.BatchNorm2d, pattern: str = BATCH_NORM_RELU) -> "BatchNormReLU2d":

@@ -299,7 +299,7 @@ def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Opti
 
     ``num_batches_tracked`` (already incremented) selects the cumulative average (nn.BatchNorm2d's
     momentum=None); ``momentum`` is then ignored."""
-    if not uses_kernels(input):
+    if not uses_kernels(input) or input.numel() == 0:  # an empty batch launches nothing: eager's own path
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
