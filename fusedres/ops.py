@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import INTERPRETING
-from .kernels import add_relu as add_relu_kernels
-from .kernels import batch_norm as bn_kernels
+from .kernels import INTERPRETING, recording_only
+from .kernels import add_relu as add_relu_launchers
+from .kernels import batch_norm as batch_norm_launchers
 
 _disabled = os.environ.get("FUSEDRES_DISABLE", "0") not in ("", "0")
 
@@ -59,7 +59,8 @@ def _on_device(t: Tensor):
 
 
 def _require_kernels(name: str, t: Tensor) -> None:
-    if not (t.is_cuda or INTERPRETING):
+    # Meta tensors too while launches are only recorded (the kernel report and the ahead-of-time compilation).
+    if not (t.is_cuda or INTERPRETING or (t.is_meta and recording_only())):
         raise RuntimeError(f"fusedres::{name}: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), "
                            f"got a tensor on {t.device}; call fusedres.functional, which runs eager PyTorch there")
 
@@ -100,9 +101,8 @@ def _result_dtype(input: Tensor, residual: Optional[Tensor]) -> torch.dtype:
 # batch_norm_act
 # ---------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fusedres::batch_norm_stats_", mutates_args=("running_mean", "running_var"))
-def _batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                      momentum: float, num_batches_tracked: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def batch_norm_stats_kernels(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             momentum: float, num_batches_tracked: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """The batch mean and biased variance per channel; with running statistics, also moves them toward the
     batch's in place (unbiased variance; factor ``momentum``, or ``1 / num_batches_tracked`` when that tensor is
     given: nn.BatchNorm2d's momentum=None). Not differentiable: batch_norm_act's backward differentiates through
@@ -116,9 +116,13 @@ def _batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var
     if x.numel() == 0:
         return mean, var  # the empty batch leaves the running statistics as they are, as eager does
     with _on_device(x):
-        bn_kernels.bn_batch_stats(x, mean, var, running_mean, running_var, momentum=momentum,
+        batch_norm_launchers.bn_batch_stats(x, mean, var, running_mean, running_var, momentum=momentum,
                                   num_batches_tracked=num_batches_tracked)
     return mean, var
+
+
+_batch_norm_stats = torch.library.custom_op("fusedres::batch_norm_stats_", batch_norm_stats_kernels,
+                                            mutates_args=("running_mean", "running_var"))
 
 
 @_batch_norm_stats.register_fake
@@ -127,9 +131,8 @@ def _(input, running_mean, running_var, momentum, num_batches_tracked):
             input.new_empty((input.shape[1],), dtype=_stats_dtype(input)))
 
 
-@torch.library.custom_op("fusedres::batch_norm_act", mutates_args=())
-def _batch_norm_act(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                    mean: Tensor, var: Tensor, training: bool, eps: float) -> Tensor:
+def batch_norm_act_kernels(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                           bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float) -> Tensor:
     """relu(batch_norm(input) [+ residual]) with the given statistics: the batch's (from batch_norm_stats_) when
     ``training``, which the backward then differentiates through, else the running ones."""
     _require_kernels("batch_norm_act", input)
@@ -137,11 +140,14 @@ def _batch_norm_act(input: Tensor, residual: Optional[Tensor], weight: Optional[
     y = torch.empty_like(x, dtype=_result_dtype(input, residual))
     if x.numel() == 0:
         return y
-    if residual is not None and not bn_kernels.walkable(x, residual):
+    if residual is not None and not batch_norm_launchers.walkable(x, residual):
         residual = _laid_out_like(residual, x)
     with _on_device(x):
-        bn_kernels.bn_act_apply(x, residual, mean, var, weight, bias, eps, y)
+        batch_norm_launchers.bn_act_apply(x, residual, mean, var, weight, bias, eps, y)
     return y
+
+
+_batch_norm_act = torch.library.custom_op("fusedres::batch_norm_act", batch_norm_act_kernels, mutates_args=())
 
 
 @_batch_norm_act.register_fake
@@ -149,11 +155,10 @@ def _(input, residual, weight, bias, mean, var, training, eps):
     return torch.empty_like(_dense(input), dtype=_result_dtype(input, residual))
 
 
-@torch.library.custom_op("fusedres::batch_norm_act_backward", mutates_args=())
-def _batch_norm_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor],
-                             weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
-                             training: bool, eps: float, output_mask: list[bool]
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, output: Optional[Tensor],
+                                    weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                                    training: bool, eps: float, output_mask: list[bool]
+                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of batch_norm_act for (input, residual, weight, bias); those not asked for by
     ``output_mask`` come back empty. ``output`` is given when a residual was added: the ReLU mask is then
     ``output > 0``, else it is recomputed from the input. ``mean``/``var`` are the statistics the forward used."""
@@ -164,21 +169,21 @@ def _batch_norm_act_backward(grad_output: Tensor, input: Tensor, output: Optiona
     if x.numel() == 0:
         return grad_x, grad_z, grad_weight.zero_(), grad_bias.zero_()
     like = output if output is not None else x
-    grad_y = grad_output if bn_kernels.walkable(x, grad_output) else _laid_out_like(grad_output, like)
+    grad_y = grad_output if batch_norm_launchers.walkable(x, grad_output) else _laid_out_like(grad_output, like)
     sums = torch.empty((2, x.shape[1]), dtype=_stats_dtype(x), device=x.device)
     # Training with a residual: dz is written by the reduction and read by the dx pass.
     keep_grad_z = output is not None and (want_residual or (training and want_x))
     if keep_grad_z and grad_z.numel() == 0:
         grad_z = torch.empty_like(output)
     with _on_device(x):
-        bn_kernels.bn_act_backward_reduce(
+        batch_norm_launchers.bn_act_backward_reduce(
             grad_y, x, output, mean, var, weight, bias, eps, sums_out=sums,
             grad_z_out=grad_z if keep_grad_z else None,
             grad_x_out=grad_x if (want_x and not training) else None,
             grad_weight_out=grad_weight if want_weight else None,
             grad_bias_out=grad_bias if want_bias else None, need_sums=training and want_x)
         if want_x and training:
-            bn_kernels.bn_backward_dx(grad_z if output is not None else grad_y, x, mean, var, weight, bias, eps,
+            batch_norm_launchers.bn_backward_dx(grad_z if output is not None else grad_y, x, mean, var, weight, bias, eps,
                                       sums, grad_is_dy=output is None, grad_x_out=grad_x)
     if not want_residual:
         grad_z = grad_z.new_empty(0)
@@ -193,6 +198,10 @@ def _backward_outputs(x, output, weight, bias, output_mask):
             torch.empty_like(output) if (want_residual and output is not None) else x.new_empty(0),
             x.new_empty(weight.shape, dtype=weight.dtype) if (want_weight and weight is not None) else x.new_empty(0),
             x.new_empty(bias.shape, dtype=bias.dtype) if (want_bias and bias is not None) else x.new_empty(0))
+
+
+_batch_norm_act_backward = torch.library.custom_op("fusedres::batch_norm_act_backward",
+                                                   batch_norm_act_backward_kernels, mutates_args=())
 
 
 @_batch_norm_act_backward.register_fake
@@ -228,16 +237,18 @@ _batch_norm_act.register_autograd(_batch_norm_act_autograd, setup_context=_batch
 # add_relu
 # ---------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fusedres::add_relu", mutates_args=())
-def _add_relu(input: Tensor, residual: Tensor) -> Tensor:
+def add_relu_kernels(input: Tensor, residual: Tensor) -> Tensor:
     """relu(input + residual), in the promoted dtype and the layout eager gives."""
     _require_kernels("add_relu", input)
     y = torch.empty_like(input, dtype=_result_dtype(input, residual))  # eager's layout for input + residual
     if y.numel() == 0:
         return y
     with _on_device(y):
-        add_relu_kernels.add_relu_forward(_laid_out_like(input, y), _laid_out_like(residual, y), y)
+        add_relu_launchers.add_relu_forward(_laid_out_like(input, y), _laid_out_like(residual, y), y)
     return y
+
+
+_add_relu = torch.library.custom_op("fusedres::add_relu", add_relu_kernels, mutates_args=())
 
 
 @_add_relu.register_fake
@@ -245,16 +256,18 @@ def _(input, residual):
     return torch.empty_like(input, dtype=_result_dtype(input, residual))
 
 
-@torch.library.custom_op("fusedres::relu_backward", mutates_args=())
-def _relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+def relu_backward_kernels(grad_output: Tensor, output: Tensor) -> Tensor:
     """grad_output where output > 0, else 0; in output's layout and dtype."""
     _require_kernels("relu_backward", output)
     grad = torch.empty_like(output)
     if grad.numel() == 0:
         return grad
     with _on_device(output):
-        add_relu_kernels.relu_backward(_laid_out_like(grad_output, output), output, grad)
+        add_relu_launchers.relu_backward(_laid_out_like(grad_output, output), output, grad)
     return grad
+
+
+_relu_backward = torch.library.custom_op("fusedres::relu_backward", relu_backward_kernels, mutates_args=())
 
 
 @_relu_backward.register_fake

@@ -19,6 +19,7 @@ result, is the same in any process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ class LaunchConstants:
     target_programs: int     # programs a batch-norm launch aims for (channel blocks x splits)
     max_splits: int          # at most this many partial rows per channel block: its last program merges them alone
     row_bytes: int           # channels_last: bytes of one row of a tile (channels per tile = row_bytes / itemsize)
-    merge_block_splits: int  # partial rows the merging program reads per step
+    merge_block_splits: int  # partial rows the merging program reads per step, at least
     flat_block: int          # elements per program of the add + ReLU kernels
     slab_max_inner: int      # NCHW: largest H*W read as slabs (a slab's channel block must fill a tile)
 
@@ -59,6 +60,17 @@ GPU_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=512, max_spl
 INTERPRETER_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=4, max_splits=4, row_bytes=64,
                                         merge_block_splits=64, flat_block=1024, slab_max_inner=1024)
 CONSTANTS = INTERPRETER_CONSTANTS if INTERPRETING else GPU_CONSTANTS
+
+
+@contextlib.contextmanager
+def overridden_constants(**changes):
+    """Other launch constants inside the block (for tests: one split, many splits, tiny tiles)."""
+    global CONSTANTS
+    previous, CONSTANTS = CONSTANTS, dataclasses.replace(CONSTANTS, **changes)
+    try:
+        yield
+    finally:
+        CONSTANTS = previous
 
 
 @contextlib.contextmanager
@@ -84,6 +96,11 @@ def recorded_launches(*, run: bool = False):
         yield launches
     finally:
         _observers.remove(observer)
+
+
+def recording_only() -> bool:
+    """Whether launches are being recorded without running (meta tensors are then welcome)."""
+    return any(not runs for _, runs in _observers)
 
 
 def launch(kernel, grid: tuple[int, ...], args: dict, num_warps: int) -> None:
@@ -232,6 +249,12 @@ class TilePlan:
     def grid(self) -> tuple[int, int]:
         return (self.channel_blocks, self.splits)
 
+    @property
+    def merge_block_splits(self) -> int:
+        """Partial rows the merging program reads per step: enough that each thread reads four values of a row
+        (a 128-bit fp32 vector), so that the merge is not made of scalar loads when channel blocks are narrow."""
+        return max(CONSTANTS.merge_block_splits, 4 * 32 * self.num_warps // self.block_channels)
+
 
 def plan_tiles(geometry: ChannelGeometry, itemsize: int, *, block_rows: int | None = None,
                block_channels: int | None = None, target_programs: int | None = None,
@@ -279,13 +302,14 @@ def stride_alignment(geometry: ChannelGeometry, plan: TilePlan, strides: list[tu
     """A power of two (at most 16) that the kernels may promise the compiler (``tl.multiple_of``) so that
     accesses along the contiguous dimension become vectors, beyond the multiples of 16 the JIT already hints: it
     divides, for every operand, each stride that moves across the contiguous dimension, and the extent along it
-    (so that masks are constant over a vector). Rows walk, channels_last: the row strides and the channel count;
-    NCHW: the sample and channel strides and H*W. Slab walk: the sample strides and the channel count, at most
-    the channel block (a slab starts at a multiple of it)."""
+    (so that masks are constant over a vector), and the tile's extent along it (tiles start at multiples of it).
+    Rows walk, channels_last: the row strides, the channel count and the channel block; NCHW: the sample and
+    channel strides, H*W and the row block. Slab walk: the sample strides, the channel count and the channel
+    block (a slab starts at a multiple of it)."""
     if plan.slab:
         values = [geometry.channels, plan.block_channels] + [outer for outer, _, _ in strides]
     elif geometry.channels_last:
-        values = [geometry.channels] + [inner for _, inner, _ in strides]
+        values = [geometry.channels, plan.block_channels] + [inner for _, inner, _ in strides]
     else:
-        values = [geometry.inner] + [s for outer, _, channel in strides for s in (outer, channel)]
+        values = [geometry.inner, plan.block_rows] + [s for outer, _, channel in strides for s in (outer, channel)]
     return min(_power_of_two_divisor(v) for v in values)

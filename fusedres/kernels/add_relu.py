@@ -12,9 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETING, accumulator_dtype, is_dense, launch, needs_int64
-
-_BLOCK = 1024 if INTERPRETING else 2048
+from . import _launch
+from ._launch import accumulator_dtype, is_dense, launch, needs_int64
 
 
 @triton.jit
@@ -55,7 +54,7 @@ def _check_same_dense_layout(name: str, *tensors: torch.Tensor) -> None:
 def add_relu_forward(x, residual, out, *, block: int | None = None) -> None:
     """out = relu(x + residual); all three share one dense layout."""
     _check_same_dense_layout("add_relu_forward", x, residual, out)
-    block = block or _BLOCK
+    block = block or _launch.CONSTANTS.flat_block
     if x.numel() == 0:
         return
     launch(_add_relu_kernel, (triton.cdiv(x.numel(), block),), dict(
@@ -66,7 +65,7 @@ def add_relu_forward(x, residual, out, *, block: int | None = None) -> None:
 def relu_backward(grad_y, y, out, *, block: int | None = None) -> None:
     """out = grad_y * (y > 0); all three share one dense layout."""
     _check_same_dense_layout("relu_backward", grad_y, y, out)
-    block = block or _BLOCK
+    block = block or _launch.CONSTANTS.flat_block
     if y.numel() == 0:
         return
     launch(_relu_backward_kernel, (triton.cdiv(y.numel(), block),), dict(

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (CONSTANTS, ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, launch, needs_int64,
+from ._launch import (ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, launch, needs_int64,
                       plan_tiles, stride_alignment, ticket_counters)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,11 +35,12 @@ from ._launch import (CONSTANTS, ChannelGeometry, TilePlan, accumulator_dtype, f
 @triton.jit
 def _channel_block(channels, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
     """This program's first channel, its channel offsets and which of them exist."""
-    if CHANNELS_LAST and ALIGN > 1:
-        channels = tl.multiple_of(channels, ALIGN)  # the channel mask is then constant over a vector
     c0 = tl.program_id(0) * BLOCK_C
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    return c0, offs_c, offs_c < channels
+    mask_c = offs_c < channels
+    if CHANNELS_LAST and ALIGN > 1:  # ALIGN divides the channel count: the mask is constant over a vector
+        mask_c = tl.max_constancy(mask_c, [ALIGN])
+    return c0, offs_c, mask_c
 
 
 @triton.jit
@@ -55,28 +56,31 @@ def _tile_rows(chunk, inner, inner_blocks, BLOCK_R: tl.constexpr, CHANNELS_LAST:
     """One chunk's outer index, row indices, and which rows exist."""
     if SLAB_INNER > 0:
         inner = SLAB_INNER
-    elif not CHANNELS_LAST and ALIGN > 1:
-        inner = tl.multiple_of(inner, ALIGN)  # the row mask is then constant over a vector
     outer = chunk // inner_blocks
     rows = (chunk - outer * inner_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return outer, rows, rows < inner
+    row_mask = rows < inner
+    if not CHANNELS_LAST and SLAB_INNER == 0 and ALIGN > 1:  # ALIGN divides H*W: constant over a vector
+        row_mask = tl.max_constancy(row_mask, [ALIGN])
+    return outer, rows, row_mask
 
 
 @triton.jit
 def _tile_offsets(outer, rows, offs_c, stride_outer, stride_inner, stride_channel, CHANNELS_LAST: tl.constexpr,
                   ALIGN: tl.constexpr, INT64: tl.constexpr):
-    """Element offsets of a rows-walk tile of a tensor with these strides."""
-    if ALIGN > 1:  # the strides across the contiguous dimension: vectors along it start aligned
-        if CHANNELS_LAST:
-            stride_inner = tl.multiple_of(stride_inner, ALIGN)
-        else:
-            stride_outer = tl.multiple_of(stride_outer, ALIGN)
-            stride_channel = tl.multiple_of(stride_channel, ALIGN)
+    """Element offsets of a rows-walk tile of a tensor with these strides. ALIGN divides every stride across the
+    contiguous dimension and the tile's first row (or channel), so each run along it starts aligned: said to the
+    compiler on the offsets, since a hint on a kernel argument does not reach it."""
     if INT64:
         outer = outer.to(tl.int64)
         rows = rows.to(tl.int64)
         offs_c = offs_c.to(tl.int64)
-    return outer * stride_outer + rows[:, None] * stride_inner + offs_c[None, :] * stride_channel
+    offsets = outer * stride_outer + rows[:, None] * stride_inner + offs_c[None, :] * stride_channel
+    if ALIGN > 1:
+        if CHANNELS_LAST:
+            offsets = tl.multiple_of(offsets, [1, ALIGN])
+        else:
+            offsets = tl.multiple_of(offsets, [ALIGN, 1])
+    return offsets
 
 
 @triton.jit
@@ -84,16 +88,18 @@ def _slab(outer, c0, channels, stride_outer, BLOCK_R: tl.constexpr, BLOCK_C: tl.
           SLAB_INNER: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
     """A slab-walk tile as a flat run: its first element, the flat indices, and which of them exist. The
     channels of one sample are contiguous in NCHW, so channels c0 .. c0 + BLOCK_C of sample ``outer`` are one
-    run of up to BLOCK_C * SLAB_INNER elements."""
+    run of up to BLOCK_C * SLAB_INNER elements. ALIGN divides the sample strides and the channel count, and is
+    at most BLOCK_C: the run starts aligned and its length is a multiple of ALIGN."""
     present = tl.minimum(channels - c0, BLOCK_C)
-    if ALIGN > 1:
-        stride_outer = tl.multiple_of(stride_outer, ALIGN)
-        present = tl.multiple_of(present, ALIGN)
     if INT64:
         outer = outer.to(tl.int64)
         c0 = c0.to(tl.int64)
+    start = outer * stride_outer + c0 * SLAB_INNER
+    if ALIGN > 1:
+        present = tl.multiple_of(present, ALIGN)
+        start = tl.multiple_of(start, ALIGN)
     flat = tl.arange(0, BLOCK_R * BLOCK_C)
-    return outer * stride_outer + c0 * SLAB_INNER, flat, flat < present * SLAB_INNER
+    return start, flat, flat < present * SLAB_INNER
 
 
 @triton.jit
@@ -189,9 +195,9 @@ def _merge_statistics(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.con
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = (offs_s < splits)[:, None] & mask_c[None, :]
         offs = offs_s[:, None] * channels + offs_c[None, :]
-        part_count = tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        part_mean = tl.load(partial_ptr + rows + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        part_m2 = tl.load(partial_ptr + 2 * rows + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_count = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        part_mean = tl.load(partial_ptr + rows + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(partial_ptr + 2 * rows + offs, mask=mask, other=0.0)
         block_count = tl.sum(part_count, axis=0)
         block_mean = tl.sum(part_count * part_mean, axis=0) / tl.maximum(block_count, 1.0)
         deviation = tl.where(mask, part_mean - block_mean[None, :], 0.0)
@@ -211,8 +217,8 @@ def _merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = (offs_s < splits)[:, None] & mask_c[None, :]
         offs = offs_s[:, None] * channels + offs_c[None, :]
-        first += tl.sum(tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-        second += tl.sum(tl.load(partial_ptr + rows + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        first += tl.sum(tl.load(partial_ptr + offs, mask=mask, other=0.0), axis=0)
+        second += tl.sum(tl.load(partial_ptr + rows + offs, mask=mask, other=0.0), axis=0)
     return first, second
 
 
@@ -561,7 +567,7 @@ def bn_batch_stats(x, mean_out, var_out, running_mean=None, running_var=None, *,
         num_batches_tracked_ptr=num_batches_tracked, momentum=momentum_hi, momentum_residue=momentum_lo,
         count=geometry.outer * geometry.inner, **_walk_args(geometry, plan, dict(x=x)),
         UPDATE_RUNNING=running_mean is not None, CUMULATIVE=num_batches_tracked is not None, ACC=acc,
-        BLOCK_S=CONSTANTS.merge_block_splits, INT64=needs_int64(x, running_mean, running_var)), plan.num_warps)
+        BLOCK_S=plan.merge_block_splits, INT64=needs_int64(x, running_mean, running_var)), plan.num_warps)
 
 
 def bn_act_backward_reduce(grad_y, x, y, mean, var, weight, bias, eps: float, *, sums_out, grad_z_out=None,
@@ -590,7 +596,7 @@ def bn_act_backward_reduce(grad_y, x, y, mean, var, weight, bias, eps: float, *,
         MASK_FROM_OUTPUT=y is not None, WRITE_GRAD_Z=grad_z_out is not None, WRITE_GRAD_X=grad_x_out is not None,
         MERGE=need_sums, WRITE_GRAD_WEIGHT=grad_weight_out is not None, WRITE_GRAD_BIAS=grad_bias_out is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype),
-        BLOCK_S=CONSTANTS.merge_block_splits,
+        BLOCK_S=plan.merge_block_splits,
         INT64=needs_int64(grad_y, x, y, grad_z_out, grad_x_out, mean, var, weight, bias)), plan.num_warps)
 
 
