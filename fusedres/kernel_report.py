@@ -17,7 +17,6 @@ All of it is a prediction from a model, never a measurement of a GPU; the rows s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,12 +207,6 @@ def count_bytes(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bo
                         _distinct_bytes([(a, size) for k, load, a, size in accesses if k == index and load]),
                         _distinct_bytes([(a, size) for k, load, a, size in accesses if k == index and not load]))
             for index, (kernel, _, _) in enumerate(launches)]
-
-
-def element_bytes(launch_bytes: list[LaunchBytes], shape, dtype: torch.dtype) -> float:
-    """Bytes moved per activation element, in element sizes (comparable with FLOOR_ELEMENT_BYTES)."""
-    numel = int(np.prod(shape))
-    return sum(b.read + b.written for b in launch_bytes) / (numel * torch.empty((), dtype=dtype).element_size())
 
 
 def element_bytes(launch_bytes: list[LaunchBytes], shape, dtype: torch.dtype) -> float:

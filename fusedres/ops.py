@@ -117,7 +117,7 @@ def batch_norm_stats_kernels(input: Tensor, running_mean: Optional[Tensor], runn
         return mean, var  # the empty batch leaves the running statistics as they are, as eager does
     with _on_device(x):
         batch_norm_launchers.bn_batch_stats(x, mean, var, running_mean, running_var, momentum=momentum,
-                                  num_batches_tracked=num_batches_tracked)
+                                            num_batches_tracked=num_batches_tracked)
     return mean, var
 
 
@@ -183,8 +183,8 @@ def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, output: 
             grad_weight_out=grad_weight if want_weight else None,
             grad_bias_out=grad_bias if want_bias else None, need_sums=training and want_x)
         if want_x and training:
-            batch_norm_launchers.bn_backward_dx(grad_z if output is not None else grad_y, x, mean, var, weight, bias, eps,
-                                      sums, grad_is_dy=output is None, grad_x_out=grad_x)
+            batch_norm_launchers.bn_backward_dx(grad_z if output is not None else grad_y, x, mean, var, weight,
+                                                bias, eps, sums, grad_is_dy=output is None, grad_x_out=grad_x)
     if not want_residual:
         grad_z = grad_z.new_empty(0)
     return grad_x, grad_z, grad_weight, grad_bias

@@ -99,7 +99,8 @@ _WALK = ("CHANNELS_LAST", "SLAB_INNER", "ALIGN", "INT64")
 def _features(spec) -> set:
     """What a variant exercises in the compiler: each argument's type or switch value, the whole set of boolean
     switches, the walk (layout, slab or rows, alignment hints, 64-bit offsets) with the warps, and the data types
-    (the input's and the accumulator's) with the kind of walk. Tile sizes and H*W values are not features of their own."""
+    (the input's and the accumulator's) with the kind of walk. Tile sizes and H*W values are not features of
+    their own."""
     kernel, signature, constexprs, num_warps = spec
     name = kernel.fn.__name__
     switches = tuple(sorted((k, v) for k, v in constexprs.items()

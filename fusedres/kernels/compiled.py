@@ -23,13 +23,10 @@ processes. Runs only where Triton compiles (TRITON_INTERPRET unset); the functio
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import re
 import subprocess
-import sys
 import tempfile
-import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
