@@ -32,7 +32,7 @@ _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", 
           torch.int64: "i64", torch.int32: "i32"}
 META = torch.device("meta")
 
-# DESIGN.md's ResNet-50 batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
+# docs/design.md's ResNet-50 batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
 SHAPES = [(128, c, hw, hw) for c, hw in [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
                                          (1024, 14), (512, 7), (2048, 7)]] + [(3, 37, 5, 7), (1, 3, 1, 1)]
 
