@@ -1,7 +1,8 @@
 """The public functions. Each validates its input, then hands it to the op layer (``fusedres/ops.py``).
 
 Semantics are eager PyTorch's: ``F.batch_norm`` (batch statistics and an in-place running-statistics update
-when ``training``, running statistics otherwise), then the residual add, then ReLU.
+when ``training``, running statistics otherwise), then the residual add, then the activation (``ACTIVATIONS``,
+each the eager expression of ``fusedres.ops.EAGER_ACTIVATIONS``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .kernels import ACTIVATIONS
 
-__all__ = ["batch_norm_relu", "batch_norm_add_relu", "add_relu"]
+__all__ = ["batch_norm_act", "batch_norm_relu", "batch_norm_add_relu", "add_act", "add_relu", "ACTIVATIONS"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -124,6 +126,18 @@ def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bi
                              f"{input.shape}")
 
 
+def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, *, residual: Optional[Tensor] = None,
+                   activation: str = "relu", negative_slope: float = 0.01) -> Tensor:
+    """``act(F.batch_norm(input, ...) [+ residual])``, ``act`` one of ``ACTIVATIONS`` ("identity": the
+    batch-norm, and the add, alone); ``negative_slope`` is leaky_relu's."""
+    if residual is not None:
+        _check_tensor("batch_norm_act", "residual", residual)
+    return _batch_norm_act("batch_norm_act", input, residual, running_mean, running_var, weight, bias, training,
+                           momentum, eps, activation, negative_slope)
+
+
 def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
@@ -143,27 +157,47 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[
                            training, momentum, eps)
 
 
+def add_act(input: Tensor, residual: Tensor, *, activation: str = "relu", negative_slope: float = 0.01) -> Tensor:
+    """``act(input + residual)`` for two float tensors of the same shape (any rank, no broadcasting)."""
+    _check_add_act("add_act", input, residual, activation, negative_slope)
+    return ops.add_act(input, residual, activation, negative_slope)
+
+
 def add_relu(input: Tensor, residual: Tensor) -> Tensor:
     """``relu(input + residual)`` for two float tensors of the same shape (any rank, no broadcasting)."""
-    _check_tensor("add_relu", "input", input)
-    _check_floating("add_relu", "input", input)
-    _check_residual("add_relu", input, residual)
-    return ops.add_relu(input, residual)
+    _check_add_act("add_relu", input, residual, "relu", 0.01)
+    return ops.add_act(input, residual)
+
+
+def _check_activation(fn: str, activation, negative_slope) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    _check_number(fn, "negative_slope", negative_slope)
+
+
+def _check_add_act(fn: str, input, residual, activation, negative_slope) -> None:
+    _check_tensor(fn, "input", input)
+    _check_floating(fn, "input", input)
+    _check_residual(fn, input, residual)
+    _check_activation(fn, activation, negative_slope)
 
 
 def _check_batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum,
-                          eps) -> None:
-    """Every check of a batch-norm (+ add) + ReLU call; errors name ``fn``. Modules call it before they touch their
-    own bookkeeping, so that a call that raises leaves them as they were."""
+                          eps, activation: str = "relu", negative_slope: float = 0.01) -> None:
+    """Every check of a batch-norm (+ add) + activation call; errors name ``fn``. Modules call it before they
+    touch their own bookkeeping, so that a call that raises leaves them as they were."""
     _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         _check_residual(fn, input, residual)
+    _check_activation(fn, activation, negative_slope)
 
 
 def _batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                    activation: str = "relu", negative_slope: float = 0.01,
                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
-    """Validate (errors name ``fn``), then relu(batch_norm(input) [+ residual]). ``num_batches_tracked``
+    """Validate (errors name ``fn``), then act(batch_norm(input) [+ residual]). ``num_batches_tracked``
     (already incremented) selects nn.BatchNorm2d's cumulative average (momentum=None), computed on the device."""
-    _check_batch_norm_act(fn, input, residual, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_batch_norm_act(fn, input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                          activation, negative_slope)
     return ops.batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
-                              num_batches_tracked)
+                              activation, negative_slope, num_batches_tracked)

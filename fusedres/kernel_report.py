@@ -80,39 +80,52 @@ def make_tensors(shape, dtype: torch.dtype, channels_last: bool, device) -> OpTe
     return OpTensors(activation(), activation(), vector(), vector(), vector(), vector(), activation())
 
 
-def _forward_state(op: str, mode: str, t: OpTensors) -> dict:
+def _pre_activation(op: str, activation: str, t: OpTensors, state: dict) -> dict:
+    """What the backward reads beyond the input, as ops' autograd saves it: the output (ReLU family), the
+    residual (other activations), or nothing (no residual, or the identity)."""
+    source = ops._pre_activation_source(activation, op != "batch_norm_relu")
+    return dict(residual=t.residual if source == "residual" else None, output=state["y"] if source == "output"
+                else None)
+
+
+def _forward_state(op: str, mode: str, t: OpTensors, activation: str) -> dict:
     """What a backward needs from its forward (the saved output and the statistics the forward used)."""
     if op == "add_relu":
-        return dict(y=ops.add_relu_kernels(t.x, t.residual))
+        return dict(y=ops.add_act_kernels(t.x, t.residual, activation, 0.01))
     residual = t.residual if op == "batch_norm_add_relu" else None
     training = mode == "train_backward"
     if training:
         mean, var = ops.batch_norm_stats_kernels(t.x, None, None, 0.1, None)
     else:
         mean, var = t.running_mean, t.running_var
-    return dict(y=ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, mean, var, training, EPS), mean=mean,
-                var=var)
+    y = ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, mean, var, training, EPS, activation, 0.01)
+    return dict(y=y, mean=mean, var=var)
 
 
-def _launch_op(op: str, mode: str, t: OpTensors, state: dict | None) -> None:
+def _launch_op(op: str, mode: str, t: OpTensors, state: dict | None, activation: str) -> None:
     """Call the op layer's kernel functions for ``op`` in ``mode`` as ``fusedres.ops.batch_norm_act`` /
-    ``add_relu`` and their autograd call them (every gradient asked for)."""
+    ``add_act`` and their autograd call them (every gradient asked for)."""
     if op == "add_relu":
         if mode == "forward":
-            ops.add_relu_kernels(t.x, t.residual)
-        else:
-            ops.relu_backward_kernels(t.grad, state["y"])
+            ops.add_act_kernels(t.x, t.residual, activation, 0.01)
+        elif activation != "identity":  # the identity's gradient is grad_output itself: nothing launches
+            pre = _pre_activation(op, activation, t, state)
+            first, second = (state["y"], None) if pre["output"] is not None else (t.x, t.residual)
+            ops.act_backward_kernels(t.grad, first, second, activation, 0.01)
         return
     residual = t.residual if op == "batch_norm_add_relu" else None
     if mode == "inference":
-        ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, t.running_mean, t.running_var, False, EPS)
+        ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, t.running_mean, t.running_var, False, EPS,
+                                   activation, 0.01)
     elif mode == "train_forward":
         mean, var = ops.batch_norm_stats_kernels(t.x, t.running_mean, t.running_var, 0.1, None)
-        ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, mean, var, True, EPS)
+        ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, mean, var, True, EPS, activation, 0.01)
     else:
-        ops.batch_norm_act_backward_kernels(t.grad, t.x, state["y"] if residual is not None else None, t.weight,
-                                            t.bias, state["mean"], state["var"], mode == "train_backward", EPS,
-                                            [True, residual is not None, True, True])
+        pre = _pre_activation(op, activation, t, state)
+        ops.batch_norm_act_backward_kernels(t.grad, t.x, pre["residual"], pre["output"], t.weight, t.bias,
+                                            state["mean"], state["var"], mode == "train_backward", EPS, activation,
+                                            0.01, [True, residual is not None and activation != "identity", True,
+                                                   True])
 
 
 def _check_op_mode(op: str, mode: str) -> None:
@@ -120,15 +133,15 @@ def _check_op_mode(op: str, mode: str) -> None:
         raise ValueError(f"fusedres.kernel_report: unknown op/mode {op!r}/{mode!r}; known: {OP_MODES}")
 
 
-def record(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bool) -> list:
+def record(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bool, activation: str = "relu") -> list:
     """The launches ``(kernel, arguments, num_warps)`` of ``op`` in ``mode`` on a tensor of ``shape``, recorded on
     meta tensors (nothing runs, nothing is allocated)."""
     _check_op_mode(op, mode)
     t = make_tensors(shape, dtype, channels_last, "meta")
     with recorded_launches():
-        state = _forward_state(op, mode, t) if mode.endswith("backward") else None
+        state = _forward_state(op, mode, t, activation) if mode.endswith("backward") else None
     with recorded_launches() as launches:
-        _launch_op(op, mode, t, state)
+        _launch_op(op, mode, t, state, activation)
     return launches
 
 
@@ -190,8 +203,8 @@ def _distinct_bytes(accesses: list) -> int:
     return int(np.unique(np.concatenate(byte_addresses)).size) if byte_addresses else 0
 
 
-def count_bytes(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bool, seed: int = 0
-                ) -> list[LaunchBytes]:
+def count_bytes(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bool, seed: int = 0,
+                activation: str = "relu") -> list[LaunchBytes]:
     """The distinct bytes each launch of ``op`` in ``mode`` reads and writes, counted in Triton's interpreter on
     CPU tensors of ``shape`` (keep it small: the interpreter runs about a millisecond per program)."""
     if not INTERPRETING:
@@ -200,9 +213,9 @@ def count_bytes(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bo
     _check_op_mode(op, mode)
     torch.manual_seed(seed)
     t = make_tensors(shape, dtype, channels_last, "cpu")
-    state = _forward_state(op, mode, t) if mode.endswith("backward") else None
+    state = _forward_state(op, mode, t, activation) if mode.endswith("backward") else None
     with recorded_launches(run=True) as launches, _interpreted_accesses(launches) as accesses:
-        _launch_op(op, mode, t, state)
+        _launch_op(op, mode, t, state, activation)
     return [LaunchBytes(kernel.fn.__name__,
                         _distinct_bytes([(a, size) for k, load, a, size in accesses if k == index and load]),
                         _distinct_bytes([(a, size) for k, load, a, size in accesses if k == index and not load]))

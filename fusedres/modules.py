@@ -47,7 +47,7 @@ class BatchNormReLU2d(nn.BatchNorm2d):
             if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked, on the device
                 num_batches_tracked = self.num_batches_tracked
         return FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                  use_batch_stats, momentum, self.eps, num_batches_tracked)
+                                  use_batch_stats, momentum, self.eps, num_batches_tracked=num_batches_tracked)
 
     @classmethod
     def fuse(cls, batch_norm: nn.BatchNorm2d, pattern: str = BATCH_NORM_RELU) -> "BatchNormReLU2d":

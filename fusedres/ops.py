@@ -2,12 +2,12 @@
 
 Registered ops, all under the ``fusedres`` namespace:
   batch_norm_stats_(input, running_mean!?, running_var!?, momentum, num_batches_tracked?) -> (mean, var)
-      batch statistics; moves the running statistics in place                       one launch
-  batch_norm_act(input, residual?, weight?, bias?, mean, var, training, eps) -> output
-      relu(batch_norm(input) [+ residual]) with the given statistics; differentiable one launch
+      batch statistics; moves the running statistics in place                                   one launch
+  batch_norm_act(input, residual?, weight?, bias?, mean, var, training, eps, activation, negative_slope) -> output
+      act(batch_norm(input) [+ residual]) with the given statistics; differentiable              one launch
   batch_norm_act_backward(...) -> (grad_input, grad_residual, grad_weight, grad_bias)  two launches (one in eval)
-  add_relu(input, residual) -> output          relu(input + residual); differentiable   one launch
-  relu_backward(grad_output, output) -> grad                                             one launch
+  add_act(input, residual, activation, negative_slope) -> output    act(input + residual); differentiable, one
+  act_backward(grad_output, first, second?, activation, negative_slope) -> grad                  one launch
 
 torch.library refuses autograd on an op that mutates its arguments, so the statistics op (which updates the
 running statistics) is not differentiable and the differentiable op is functional: its backward differentiates
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import INTERPRETING, recording_only
-from .kernels import add_relu as add_relu_launchers
+from .kernels import DERIVATIVE_FROM_OUTPUT, INTERPRETING, recording_only
+from .kernels import add_act as add_act_launchers
 from .kernels import batch_norm as batch_norm_launchers
 
 _disabled = os.environ.get("FUSEDRES_DISABLE", "0") not in ("", "0")
@@ -132,8 +132,9 @@ def _(input, running_mean, running_var, momentum, num_batches_tracked):
 
 
 def batch_norm_act_kernels(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                           bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float) -> Tensor:
-    """relu(batch_norm(input) [+ residual]) with the given statistics: the batch's (from batch_norm_stats_) when
+                           bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float,
+                           activation: str, negative_slope: float) -> Tensor:
+    """act(batch_norm(input) [+ residual]) with the given statistics: the batch's (from batch_norm_stats_) when
     ``training``, which the backward then differentiates through, else the running ones."""
     _require_kernels("batch_norm_act", input)
     x = _dense(input)
@@ -143,7 +144,8 @@ def batch_norm_act_kernels(input: Tensor, residual: Optional[Tensor], weight: Op
     if residual is not None and not batch_norm_launchers.walkable(x, residual):
         residual = _laid_out_like(residual, x)
     with _on_device(x):
-        batch_norm_launchers.bn_act_apply(x, residual, mean, var, weight, bias, eps, y)
+        batch_norm_launchers.bn_act_apply(x, residual, mean, var, weight, bias, eps, y, activation=activation,
+                                          slope=negative_slope)
     return y
 
 
@@ -151,51 +153,69 @@ _batch_norm_act = torch.library.custom_op("fusedres::batch_norm_act", batch_norm
 
 
 @_batch_norm_act.register_fake
-def _(input, residual, weight, bias, mean, var, training, eps):
+def _(input, residual, weight, bias, mean, var, training, eps, activation, negative_slope):
     return torch.empty_like(_dense(input), dtype=_result_dtype(input, residual))
 
 
-def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, output: Optional[Tensor],
-                                    weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
-                                    training: bool, eps: float, output_mask: list[bool]
+def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, residual: Optional[Tensor],
+                                    output: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                    mean: Tensor, var: Tensor, training: bool, eps: float, activation: str,
+                                    negative_slope: float, output_mask: list[bool]
                                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of batch_norm_act for (input, residual, weight, bias); those not asked for by
-    ``output_mask`` come back empty. ``output`` is given when a residual was added: the ReLU mask is then
-    ``output > 0``, else it is recomputed from the input. ``mean``/``var`` are the statistics the forward used."""
+    """Gradients of batch_norm_act for (input, residual, weight, bias); those not asked for by ``output_mask``
+    come back empty. The activation's derivative is taken on the pre-activation recomputed from the input, or
+    from the input and ``residual``, or on the saved ``output`` (a residual was added, ReLU family); with neither
+    and a residual added, the activation is the identity and the residual's gradient is grad_output itself (the
+    caller's). ``mean``/``var`` are the statistics the forward used."""
     _require_kernels("batch_norm_act_backward", input)
     want_x, want_residual, want_weight, want_bias = output_mask
     x = _dense(input)
-    grad_x, grad_z, grad_weight, grad_bias = _backward_outputs(x, output, weight, bias, output_mask)
+    residual = _walkable_residual(x, residual)
+    pre = output if output is not None else residual
+    grad_x, grad_z, grad_weight, grad_bias = _backward_outputs(x, pre, weight, bias, output_mask)
     if x.numel() == 0:
         return grad_x, grad_z, grad_weight.zero_(), grad_bias.zero_()
-    like = output if output is not None else x
+    like = pre if pre is not None else x
     grad_y = grad_output if batch_norm_launchers.walkable(x, grad_output) else _laid_out_like(grad_output, like)
     sums = torch.empty((2, x.shape[1]), dtype=_stats_dtype(x), device=x.device)
-    # Training with a residual: dz is written by the reduction and read by the dx pass.
-    keep_grad_z = output is not None and (want_residual or (training and want_x))
+    # dz is written by the reduction and read by the dx pass where the pre-activation needed more than x.
+    keep_grad_z = pre is not None and (want_residual or (training and want_x))
     if keep_grad_z and grad_z.numel() == 0:
-        grad_z = torch.empty_like(output)
+        grad_z = torch.empty_like(pre, dtype=torch.promote_types(x.dtype, pre.dtype))
+    activation_args = dict(activation=activation, slope=negative_slope)
     with _on_device(x):
         batch_norm_launchers.bn_act_backward_reduce(
-            grad_y, x, output, mean, var, weight, bias, eps, sums_out=sums,
+            grad_y, x, mean, var, weight, bias, eps, sums_out=sums, output=output, residual=residual,
             grad_z_out=grad_z if keep_grad_z else None,
             grad_x_out=grad_x if (want_x and not training) else None,
             grad_weight_out=grad_weight if want_weight else None,
-            grad_bias_out=grad_bias if want_bias else None, need_sums=training and want_x)
+            grad_bias_out=grad_bias if want_bias else None, need_sums=training and want_x, **activation_args)
         if want_x and training:
-            batch_norm_launchers.bn_backward_dx(grad_z if output is not None else grad_y, x, mean, var, weight,
-                                                bias, eps, sums, grad_is_dy=output is None, grad_x_out=grad_x)
+            batch_norm_launchers.bn_backward_dx(grad_z if pre is not None else grad_y, x, mean, var, weight,
+                                                bias, eps, sums, grad_is_dy=pre is None, grad_x_out=grad_x,
+                                                **activation_args)
     if not want_residual:
         grad_z = grad_z.new_empty(0)
     return grad_x, grad_z, grad_weight, grad_bias
 
 
-def _backward_outputs(x, output, weight, bias, output_mask):
+def _walkable_residual(x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+    """The residual as the backward reads it, and writes dz with its strides: dense, in a layout the walk over x
+    can read (copied otherwise)."""
+    if residual is None:
+        return None
+    residual = _dense(residual)
+    return residual if batch_norm_launchers.walkable(x, residual) else _laid_out_like(residual, x)
+
+
+def _backward_outputs(x, pre, weight, bias, output_mask):
     """The gradient tensors batch_norm_act_backward returns (empty where not asked for; parameter gradients
     contiguous, whatever the parameters' strides)."""
     want_x, want_residual, want_weight, want_bias = output_mask
     return (torch.empty_like(x) if want_x else x.new_empty(0),  # outputs may not alias: one empty each
-            torch.empty_like(output) if (want_residual and output is not None) else x.new_empty(0),
+            # dz in the output's dtype, as eager computes it before casting it to the residual's
+            torch.empty_like(pre, dtype=torch.promote_types(x.dtype, pre.dtype))
+            if (want_residual and pre is not None) else x.new_empty(0),
             x.new_empty(weight.shape, dtype=weight.dtype) if (want_weight and weight is not None) else x.new_empty(0),
             x.new_empty(bias.shape, dtype=bias.dtype) if (want_bias and bias is not None) else x.new_empty(0))
 
@@ -205,90 +225,121 @@ _batch_norm_act_backward = torch.library.custom_op("fusedres::batch_norm_act_bac
 
 
 @_batch_norm_act_backward.register_fake
-def _(grad_output, input, output, weight, bias, mean, var, training, eps, output_mask):
-    return _backward_outputs(_dense(input), output, weight, bias, output_mask)
+def _(grad_output, input, residual, output, weight, bias, mean, var, training, eps, activation, negative_slope,
+      output_mask):
+    x = _dense(input)
+    pre = output if output is not None else _walkable_residual(x, residual)
+    return _backward_outputs(x, pre, weight, bias, output_mask)
+
+
+def _pre_activation_source(activation: str, has_residual: bool) -> str:
+    """What the backward needs beyond the input to take the activation's derivative: "none" (no residual was
+    added, or the identity), "output" (the ReLU family), or "residual"."""
+    if not has_residual or activation == "identity":
+        return "none"
+    return "output" if activation in DERIVATIVE_FROM_OUTPUT else "residual"
 
 
 def _batch_norm_act_setup_context(ctx, inputs, output):
-    input, residual, weight, bias, mean, var, training, eps = inputs
-    ctx.save_for_backward(input, output if residual is not None else None, weight, bias, mean, var)
-    ctx.training, ctx.eps = training, eps
+    input, residual, weight, bias, mean, var, training, eps, activation, negative_slope = inputs
+    ctx.source = _pre_activation_source(activation, residual is not None)
+    pre = {"none": None, "output": output, "residual": residual}[ctx.source]
+    ctx.save_for_backward(input, pre, weight, bias, mean, var)
+    ctx.training, ctx.eps, ctx.activation, ctx.negative_slope = training, eps, activation, negative_slope
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
 def _batch_norm_act_autograd(ctx, grad_y):
-    input, y, weight, bias, mean, var = ctx.saved_tensors
+    input, pre, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[1] and y is not None, needs[2] and weight is not None,
+    has_residual = ctx.residual_dtype is not None
+    # With the identity, the residual's gradient is grad_y itself: no kernel writes it.
+    output_mask = [needs[0], needs[1] and has_residual and ctx.source != "none", needs[2] and weight is not None,
                    needs[3] and bias is not None]
     grad_x, grad_residual, grad_weight, grad_bias = torch.ops.fusedres.batch_norm_act_backward(
-        grad_y, input, y, weight, bias, mean, var, ctx.training, ctx.eps, output_mask)
+        grad_y, input, pre if ctx.source == "residual" else None, pre if ctx.source == "output" else None, weight,
+        bias, mean, var, ctx.training, ctx.eps, ctx.activation, ctx.negative_slope, output_mask)
+    if needs[1] and has_residual:
+        grad_residual = (grad_residual if output_mask[1] else grad_y).to(ctx.residual_dtype)
     return (grad_x if output_mask[0] else None,
-            grad_residual.to(ctx.residual_dtype) if output_mask[1] else None,
+            grad_residual if needs[1] and has_residual else None,
             grad_weight if output_mask[2] else None,
             grad_bias if output_mask[3] else None,
-            None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _batch_norm_act.register_autograd(_batch_norm_act_autograd, setup_context=_batch_norm_act_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# add_relu
+# add_act
 # ---------------------------------------------------------------------------------------------------------
 
-def add_relu_kernels(input: Tensor, residual: Tensor) -> Tensor:
-    """relu(input + residual), in the promoted dtype and the layout eager gives."""
-    _require_kernels("add_relu", input)
+def add_act_kernels(input: Tensor, residual: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """act(input + residual), in the promoted dtype and the layout eager gives."""
+    _require_kernels("add_act", input)
     y = torch.empty_like(input, dtype=_result_dtype(input, residual))  # eager's layout for input + residual
     if y.numel() == 0:
         return y
     with _on_device(y):
-        add_relu_launchers.add_relu_forward(_laid_out_like(input, y), _laid_out_like(residual, y), y)
+        add_act_launchers.add_act_forward(_laid_out_like(input, y), _laid_out_like(residual, y), y,
+                                          activation=activation, slope=negative_slope)
     return y
 
 
-_add_relu = torch.library.custom_op("fusedres::add_relu", add_relu_kernels, mutates_args=())
+_add_act = torch.library.custom_op("fusedres::add_act", add_act_kernels, mutates_args=())
 
 
-@_add_relu.register_fake
-def _(input, residual):
+@_add_act.register_fake
+def _(input, residual, activation, negative_slope):
     return torch.empty_like(input, dtype=_result_dtype(input, residual))
 
 
-def relu_backward_kernels(grad_output: Tensor, output: Tensor) -> Tensor:
-    """grad_output where output > 0, else 0; in output's layout and dtype."""
-    _require_kernels("relu_backward", output)
-    grad = torch.empty_like(output)
+def act_backward_kernels(grad_output: Tensor, first: Tensor, second: Optional[Tensor], activation: str,
+                         negative_slope: float) -> Tensor:
+    """grad_output * act'(z): z is ``first``, the output, when ``second`` is None (the ReLU family), else
+    ``first + second``; in the layout and dtype of ``first`` (of their sum)."""
+    _require_kernels("act_backward", first)
+    like = first if second is None else torch.empty_like(first, dtype=_result_dtype(first, second))
+    grad = torch.empty_like(like)
     if grad.numel() == 0:
         return grad
-    with _on_device(output):
-        add_relu_launchers.relu_backward(_laid_out_like(grad_output, output), output, grad)
+    with _on_device(first):
+        add_act_launchers.act_backward(_laid_out_like(grad_output, like), _laid_out_like(first, like),
+                                       None if second is None else _laid_out_like(second, like), grad,
+                                       activation=activation, slope=negative_slope)
     return grad
 
 
-_relu_backward = torch.library.custom_op("fusedres::relu_backward", relu_backward_kernels, mutates_args=())
+_act_backward = torch.library.custom_op("fusedres::act_backward", act_backward_kernels, mutates_args=())
 
 
-@_relu_backward.register_fake
-def _(grad_output, output):
-    return torch.empty_like(output)
+@_act_backward.register_fake
+def _(grad_output, first, second, activation, negative_slope):
+    return torch.empty_like(first, dtype=first.dtype if second is None else _result_dtype(first, second))
 
 
-def _add_relu_setup_context(ctx, inputs, output):
-    input, residual = inputs
-    ctx.save_for_backward(output)
+def _add_act_setup_context(ctx, inputs, output):
+    input, residual, activation, negative_slope = inputs
+    ctx.source = _pre_activation_source(activation, True)
+    ctx.save_for_backward(*{"none": (), "output": (output,), "residual": (input, residual)}[ctx.source])
+    ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.dtypes = (input.dtype, residual.dtype)
 
 
-def _add_relu_autograd(ctx, grad_y):
-    (y,) = ctx.saved_tensors
-    grad = torch.ops.fusedres.relu_backward(grad_y, y)
+def _add_act_autograd(ctx, grad_y):
+    saved = ctx.saved_tensors
+    if ctx.source == "none":  # the identity: both summands get grad_y
+        grad = grad_y
+    else:
+        grad = torch.ops.fusedres.act_backward(grad_y, saved[0], saved[1] if len(saved) > 1 else None,
+                                               ctx.activation, ctx.negative_slope)
     # One gradient serves both summands (3e in all); a summand of another dtype gets its own cast.
-    return tuple(grad.to(dtype) if needed else None for dtype, needed in zip(ctx.dtypes, ctx.needs_input_grad))
+    return tuple(grad.to(dtype) if needed else None
+                 for dtype, needed in zip(ctx.dtypes, ctx.needs_input_grad[:2])) + (None, None)
 
 
-_add_relu.register_autograd(_add_relu_autograd, setup_context=_add_relu_setup_context)
+_add_act.register_autograd(_add_act_autograd, setup_context=_add_act_setup_context)
 
 
 def _no_double_backward(ctx, *grads):
@@ -296,7 +347,7 @@ def _no_double_backward(ctx, *grads):
                        "create_graph=True) is not supported; run the model under fusedres.disabled() for that")
 
 
-for _backward_op in (_batch_norm_act_backward, _relu_backward):
+for _backward_op in (_batch_norm_act_backward, _act_backward):
     _backward_op.register_autograd(_no_double_backward)
 
 
@@ -304,11 +355,24 @@ for _backward_op in (_batch_norm_act_backward, _relu_backward):
 # Python entry points used by fusedres.functional: backend choice, then the registered ops.
 # ---------------------------------------------------------------------------------------------------------
 
+EAGER_ACTIVATIONS = {
+    "identity": lambda z, slope: z,
+    "relu": lambda z, slope: torch.relu(z),
+    "relu6": lambda z, slope: F.relu6(z),
+    "leaky_relu": lambda z, slope: F.leaky_relu(z, slope),
+    "silu": lambda z, slope: F.silu(z),
+    "gelu": lambda z, slope: F.gelu(z),
+    "gelu_tanh": lambda z, slope: F.gelu(z, approximate="tanh"),
+    "hardswish": lambda z, slope: F.hardswish(z),
+    "mish": lambda z, slope: F.mish(z),
+}  # the eager expression each activation stands for (the unfused path, and the tests' reference)
+
+
 def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                   training: bool, momentum: float, eps: float,
-                   num_batches_tracked: Optional[Tensor] = None) -> Tensor:
-    """relu(batch_norm(input) [+ residual]); updates the running statistics in place when training.
+                   training: bool, momentum: float, eps: float, activation: str = "relu",
+                   negative_slope: float = 0.01, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """act(batch_norm(input) [+ residual]); updates the running statistics in place when training.
 
     ``num_batches_tracked`` (already incremented) selects the cumulative average (nn.BatchNorm2d's
     momentum=None); ``momentum`` is then ignored."""
@@ -316,18 +380,19 @@ def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Opti
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return torch.relu(y if residual is None else y + residual)
+        return EAGER_ACTIVATIONS[activation](y if residual is None else y + residual, negative_slope)
     if training:
         # The statistics are not differentiated through this op (batch_norm_act's backward does it).
         mean, var = torch.ops.fusedres.batch_norm_stats_(input.detach(), running_mean, running_var, momentum,
                                                          num_batches_tracked)
     else:
         mean, var = running_mean, running_var
-    return torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, mean, var, training, eps)
+    return torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, mean, var, training, eps, activation,
+                                             float(negative_slope))
 
 
-def add_relu(input: Tensor, residual: Tensor) -> Tensor:
-    """relu(input + residual)."""
+def add_act(input: Tensor, residual: Tensor, activation: str = "relu", negative_slope: float = 0.01) -> Tensor:
+    """act(input + residual)."""
     if not uses_kernels(input):
-        return torch.relu(input + residual)
-    return torch.ops.fusedres.add_relu(input, residual)
+        return EAGER_ACTIVATIONS[activation](input + residual, negative_slope)
+    return torch.ops.fusedres.add_act(input, residual, activation, float(negative_slope))

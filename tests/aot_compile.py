@@ -24,9 +24,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedres.kernels import add_relu as AK  # noqa: E402
+from fusedres.kernels import add_act as AK  # noqa: E402
 from fusedres.kernels import batch_norm as BK  # noqa: E402
-from fusedres.kernels import forced_int64, recorded_launches  # noqa: E402
+from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64, recorded_launches  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
           torch.int64: "i64", torch.int32: "i32"}
@@ -142,19 +142,34 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
     y = _tensor(shape, dtype, channels_last)
     vec = lambda dt=param_dtype: _tensor((c,), dt)  # noqa: E731
     sums = _tensor((2, c), stats)
-    for residual, affine in itertools.product((None, _tensor(shape, dtype, channels_last)), (False, True)):
+    activation_tensor = lambda: _tensor(shape, dtype, channels_last)  # noqa: E731
+    for residual, affine in itertools.product((None, activation_tensor()), (False, True)):
         w, b = (vec(), vec()) if affine else (None, None)
         BK.bn_act_apply(x, residual, vec(), vec(), w, b, 1e-5, y)
         for training in (True, False):
-            mask_source = y if residual is not None else None
             BK.bn_act_backward_reduce(
-                y, x, mask_source, vec(stats), vec(stats), w, b, 1e-5, sums_out=sums,
-                grad_z_out=_tensor(shape, dtype, channels_last) if residual is not None else None,
-                grad_x_out=None if training else _tensor(shape, dtype, channels_last),
+                y, x, vec(stats), vec(stats), w, b, 1e-5, sums_out=sums, output=y if residual is not None else None,
+                grad_z_out=activation_tensor() if residual is not None else None,
+                grad_x_out=None if training else activation_tensor(),
                 grad_weight_out=vec() if affine else None, grad_bias_out=vec() if affine else None,
                 need_sums=training)
         BK.bn_backward_dx(y, x, vec(stats), vec(stats), w, b, 1e-5, sums, grad_is_dy=residual is None,
-                          grad_x_out=_tensor(shape, dtype, channels_last))
+                          grad_x_out=activation_tensor())
+    # Every activation once in each kernel: forward with a residual, the backward from the residual (from the
+    # output for the ReLU family), the dx pass recomputing the derivative from x, and the flat kernels.
+    r = activation_tensor()
+    for activation in ACTIVATIONS:
+        kwargs = dict(activation=activation, slope=0.01)
+        BK.bn_act_apply(x, r, vec(), vec(), vec(), vec(), 1e-5, y, **kwargs)
+        source = dict(output=y) if activation in DERIVATIVE_FROM_OUTPUT else dict(residual=r)
+        BK.bn_act_backward_reduce(y, x, vec(stats), vec(stats), vec(), vec(), 1e-5, sums_out=sums,
+                                  grad_z_out=activation_tensor(), **source, **kwargs)
+        BK.bn_backward_dx(y, x, vec(stats), vec(stats), vec(), vec(), 1e-5, sums, grad_is_dy=True,
+                          grad_x_out=activation_tensor(), **kwargs)
+        flat = _tensor((shape[0] * c * shape[2] * shape[3],), dtype)
+        AK.add_act_forward(flat, _tensor(flat.shape, param_dtype), _tensor(flat.shape, param_dtype), **kwargs)
+        second = None if activation in DERIVATIVE_FROM_OUTPUT else flat
+        AK.act_backward(flat, flat, second, _tensor(flat.shape, dtype), **kwargs)
     # A residual of another dtype promotes the output (fp32 + fp64 computes in fp64).
     other = {torch.float32: torch.float64}.get(dtype, torch.float32)
     BK.bn_act_apply(x, _tensor(shape, other, channels_last), vec(), vec(), None, None, 1e-5,
@@ -163,9 +178,6 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
     for num_batches_tracked in (None, _tensor((), torch.int64)):
         BK.bn_batch_stats(x, vec(stats), vec(stats), vec(), vec(), momentum=0.1,
                           num_batches_tracked=num_batches_tracked)
-    flat = _tensor((shape[0] * c * shape[2] * shape[3],), dtype)
-    AK.add_relu_forward(flat, _tensor(flat.shape, param_dtype), _tensor(flat.shape, param_dtype))
-    AK.relu_backward(flat, flat, _tensor(flat.shape, dtype))
 
 
 def _compile(job):

@@ -6,7 +6,8 @@ import torch
 
 import fusedres
 import fusedres.functional as FF
-from tests.helpers import (DEVICE, HALF_DTYPES, assert_close, fp64_copy, make_input, make_params,
+from fusedres.functional import ACTIVATIONS
+from tests.helpers import (DEVICE, HALF_DTYPES, TOLERANCES, assert_close, fp64_copy, make_input, make_params,
                            reference_batch_norm_act)
 from tests.pairwise import all_pairs, case_id
 
@@ -28,6 +29,7 @@ CASES = all_pairs({
     "buffers": [True, False],
     "residual": ["none", "same", "other_dtype", "other_layout"],
     "shape": [(3, 37, 5, 7), (2, 20, 9, 11), (4, 3, 1, 13)],
+    "activation": list(ACTIVATIONS),
 }, valid=_valid)
 
 
@@ -41,8 +43,13 @@ def _residual(case, x):
     return make_input(x.shape, x.dtype, case["channels_last"] != (kind == "other_layout"))
 
 
+def _looser(*dtypes):
+    """The dtype whose tolerance is the loosest: a wider residual widens the output, not the batch-norm's precision."""
+    return max(dtypes, key=lambda d: TOLERANCES[d].rtol)
+
+
 def run_case(case, momentum=0.1, eps=1e-5):
-    dtype = case["dtype"]
+    dtype, activation = case["dtype"], case["activation"]
     param_dtype = torch.float32 if case["params"] == "fp32" else dtype
     x = make_input(case["shape"], dtype, case["channels_last"])
     residual = _residual(case, x)
@@ -54,19 +61,22 @@ def run_case(case, momentum=0.1, eps=1e-5):
     ref_leaves = {k: fp64_copy(v, requires_grad=True) for k, v in leaves.items()}
     ref_rm, ref_rv = fp64_copy(rm), fp64_copy(rv)
 
-    if residual is None:
+    if activation != "relu":
+        y = FF.batch_norm_act(x, rm, rv, w, b, case["training"], momentum, eps, residual=residual,
+                              activation=activation, negative_slope=0.2)
+    elif residual is None:
         y = FF.batch_norm_relu(x, rm, rv, w, b, case["training"], momentum, eps)
     else:
         y = FF.batch_norm_add_relu(x, residual, rm, rv, w, b, case["training"], momentum, eps)
     y_ref = reference_batch_norm_act(ref_leaves["input"], ref_leaves.get("residual"), ref_rm, ref_rv,
                                      ref_leaves.get("weight"), ref_leaves.get("bias"), case["training"], momentum,
-                                     eps)
+                                     eps, activation, 0.2)
     expected_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
     assert y.dtype == expected_dtype
     eager_strides = reference_batch_norm_act(x.detach(), None if residual is None else residual.detach(),
                                              None, None, None, None, True).stride()
     assert y.stride() == eager_strides, f"output strides {y.stride()} != eager's {eager_strides}"
-    assert_close(y, y_ref, "output")
+    assert_close(y, y_ref, "output", dtype=_looser(y.dtype, dtype))
     if rm is not None:
         assert_close(rm, ref_rm, "running_mean")
         assert_close(rv, ref_rv, "running_var")
@@ -76,7 +86,7 @@ def run_case(case, momentum=0.1, eps=1e-5):
     ref_grads = torch.autograd.grad(y_ref, list(ref_leaves.values()), grad_y.double())
     for (name, leaf), grad, ref_grad in zip(leaves.items(), grads, ref_grads):
         assert grad.dtype == leaf.dtype, f"grad of {name}: dtype {grad.dtype} != {leaf.dtype}"
-        assert_close(grad, ref_grad, f"grad of {name}")
+        assert_close(grad, ref_grad, f"grad of {name}", dtype=_looser(grad.dtype, dtype))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
@@ -148,20 +158,47 @@ def test_empty_batch_behaves_as_eager(training):
 
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_gradcheck_float64(residual, training, channels_last):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_float64(residual, training, activation):
+    channels_last = ACTIVATIONS.index(activation) % 2 == 1
     x = make_input((2, 3, 3, 4), torch.float64, channels_last).requires_grad_()
     r = make_input(x.shape, torch.float64, channels_last).requires_grad_() if residual else None
     rm, rv, w, b = make_params(3, torch.float64)
     w.requires_grad_()
     b.requires_grad_()
-    if residual:
-        fn = lambda x, r, w, b: FF.batch_norm_add_relu(x, r, rm.clone(), rv.clone(), w, b, training)  # noqa: E731
-        inputs = (x, r, w, b)
-    else:
-        fn = lambda x, w, b: FF.batch_norm_relu(x, rm.clone(), rv.clone(), w, b, training)  # noqa: E731
-        inputs = (x, w, b)
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+    def fn(x, w, b, *r):
+        return FF.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, residual=r[0] if r else None,
+                                 activation=activation, negative_slope=0.2)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b) + ((r,) if residual else ()), fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_inf_propagate_per_activation(activation, training):
+    """Outputs and gradients, NaN and Inf included, where eager has them (the activations' derivatives at NaN
+    differ: relu passes the gradient through, relu6 stops it, the smooth ones give NaN)."""
+    channels_last = ACTIVATIONS.index(activation) % 2 == 0
+    x = make_input((2, 5, 3, 4), torch.float32, channels_last)
+    r = make_input(x.shape, torch.float32, channels_last)
+    x[0, 1, 1, 1] = float("nan")
+    r[1, 3, 2, 2] = float("nan")
+    r[0, 4, 0, 0] = float("-inf")
+    r[1, 0, 1, 0] = float("inf")
+    x, r = x.requires_grad_(), r.requires_grad_()
+    rm, rv, w, b = make_params(5, torch.float32)
+    y = FF.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, residual=r, activation=activation,
+                          negative_slope=0.2)
+    x64, r64 = fp64_copy(x, True), fp64_copy(r, True)
+    ref = reference_batch_norm_act(x64, r64, fp64_copy(rm), fp64_copy(rv), fp64_copy(w), fp64_copy(b), training,
+                                   activation=activation, slope=0.2)
+    assert torch.isnan(y).any()
+    assert_close(y, ref, "output")
+    g = make_input(y.shape, torch.float32, channels_last, shift=0.0)
+    for name, grad, ref_grad in zip(("input", "residual"), torch.autograd.grad(y, (x, r), g),
+                                    torch.autograd.grad(ref, (x64, r64), g.double())):
+        assert_close(grad, ref_grad, f"grad of {name}")
 
 
 def test_expanded_and_non_dense_gradients():

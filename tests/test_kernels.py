@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import fusedres.functional as FF
-from fusedres.kernels import add_relu as AK
+from fusedres.kernels import add_act as AK
 from fusedres.kernels import batch_norm as BK
-from fusedres.kernels import forced_int64
+from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64
+from fusedres.ops import EAGER_ACTIVATIONS
 from tests.helpers import DEVICE, assert_close, fp64_copy, make_input, make_params, reference_batch_norm_act
 
 # (block_rows, block_channels, target_programs, slab); none given: the shape heuristic. A slab's rows are all of
@@ -104,7 +105,7 @@ def test_backward_passes(tiles, channels_last, with_residual):
     sums = poisoned(2, SHAPE[1], dtype=torch.float32)
     dz = poisoned(like=y) if with_residual else None
     dw, db, dx = poisoned(like=w), poisoned(like=b), poisoned(like=x)
-    BK.bn_act_backward_reduce(g, x, y if with_residual else None, mean, var, w, b, 1e-5, sums_out=sums,
+    BK.bn_act_backward_reduce(g, x, mean, var, w, b, 1e-5, output=y if with_residual else None, sums_out=sums,
                               grad_z_out=dz, grad_weight_out=dw, grad_bias_out=db, **tiles)
     BK.bn_backward_dx(dz if with_residual else g, x, mean, var, w, b, 1e-5, sums, grad_is_dy=not with_residual,
                       grad_x_out=dx, **tiles)
@@ -118,7 +119,7 @@ def test_backward_passes(tiles, channels_last, with_residual):
     y64 = reference_batch_norm_act(x64, fp64_copy(r), mean.double(), var.double(), w64, b64, False)
     (ref_dx,) = torch.autograd.grad(y64, (x64,), g.double())
     dx = poisoned(like=x)
-    BK.bn_act_backward_reduce(g, x, y if with_residual else None, mean, var, w, b, 1e-5, sums_out=sums,
+    BK.bn_act_backward_reduce(g, x, mean, var, w, b, 1e-5, output=y if with_residual else None, sums_out=sums,
                               grad_x_out=dx, need_sums=False, **tiles)
     assert_close(dx, ref_dx, "grad of input (frozen statistics)")
 
@@ -140,17 +141,25 @@ def test_running_statistics_update_in_the_statistics_launch(cumulative, tiles):
     assert_close(rv, ref_rv, "running_var")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("block", [64, None])
-def test_add_relu_kernels(block):
+def test_add_act_kernels(block, activation):
     x = make_input((3, 7, 5, 3), torch.bfloat16, shift=0.0)
     r = make_input((3, 7, 5, 3), torch.float32, shift=0.0)
     y = poisoned(like=r)
-    AK.add_relu_forward(x, r, y, block=block)
-    assert_close(y, torch.relu(x.double() + r.double()), "output")
+    AK.add_act_forward(x, r, y, activation=activation, slope=0.2, block=block)
+    z64 = (x.double() + r.double()).requires_grad_()
+    y64 = EAGER_ACTIVATIONS[activation](z64, 0.2)
+    assert_close(y, y64, "output")
     g = make_input(y.shape, torch.float32, shift=0.0)
+    (ref,) = torch.autograd.grad(y64, z64, g.double())
     dz = poisoned(like=y)
-    AK.relu_backward(g, y, dz, block=block)
-    assert_close(dz, g.double() * (y.double() > 0), "grad")
+    AK.act_backward(g, x, r, dz, activation=activation, slope=0.2, block=block)  # from the two summands
+    assert_close(dz, ref, "grad")
+    if activation in DERIVATIVE_FROM_OUTPUT:
+        dz = poisoned(like=y)
+        AK.act_backward(g, y, None, dz, activation=activation, slope=0.2, block=block)  # from the output
+        assert_close(dz, ref, "grad from the output")
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

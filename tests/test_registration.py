@@ -19,16 +19,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _bn_samples():
-    """(input, residual, weight, bias, mean, var, training, eps): the batch's statistics when training."""
-    for channels_last in (False, True):
-        for training, residual_dtype in ((True, None), (False, torch.float32), (True, torch.bfloat16)):
-            x = make_input((2, 5, 3, 4), torch.float32, channels_last).requires_grad_()
-            r = None if residual_dtype is None else make_input(x.shape, residual_dtype).requires_grad_()
-            rm, rv, w, b = make_params(5, torch.float32)
-            w.requires_grad_()
-            if training:
-                rm, rv = torch.ops.fusedres.batch_norm_stats_(x.detach(), None, None, 0.1, None)
-            yield (x, r, w, b, rm, rv, training, 1e-5)
+    """(input, residual, weight, bias, mean, var, training, eps, activation, negative_slope): the batch's
+    statistics when training; each way the backward gets its activation's derivative (from the input, from the
+    output, from the residual, none)."""
+    cases = [(False, True, None, "relu"), (True, False, torch.float32, "relu"), (False, True, torch.bfloat16, "silu"),
+             (True, True, torch.float32, "identity"), (False, False, None, "leaky_relu"),
+             (True, True, torch.float32, "gelu_tanh")]
+    for channels_last, training, residual_dtype, activation in cases:
+        x = make_input((2, 5, 3, 4), torch.float32, channels_last).requires_grad_()
+        r = None if residual_dtype is None else make_input(x.shape, residual_dtype).requires_grad_()
+        rm, rv, w, b = make_params(5, torch.float32)
+        w.requires_grad_()
+        if training:
+            rm, rv = torch.ops.fusedres.batch_norm_stats_(x.detach(), None, None, 0.1, None)
+        yield (x, r, w, b, rm, rv, training, 1e-5, activation, 0.2)
 
 
 def test_opcheck_batch_norm_act():
@@ -37,12 +41,14 @@ def test_opcheck_batch_norm_act():
 
 
 def test_opcheck_batch_norm_act_backward():
-    for x, r, w, b, mean, var, training, eps in _bn_samples():
+    for x, r, w, b, mean, var, training, eps, activation, slope in _bn_samples():
         x, w, b = x.detach(), w.detach(), b.detach()
         r = None if r is None else r.detach()
-        y = torch.ops.fusedres.batch_norm_act(x, r, w, b, mean, var, training, eps)
+        y = torch.ops.fusedres.batch_norm_act(x, r, w, b, mean, var, training, eps, activation, slope)
         g = make_input(y.shape, y.dtype, shift=0.0)
-        args = (g, x, None if r is None else y, w, b, mean, var, training, eps, [True, r is not None, True, True])
+        source = fusedres.ops._pre_activation_source(activation, r is not None)
+        args = (g, x, r if source == "residual" else None, y if source == "output" else None, w, b, mean, var,
+                training, eps, activation, slope, [True, source != "none", True, True])
         torch.library.opcheck(torch.ops.fusedres.batch_norm_act_backward.default, args)
 
 
@@ -54,13 +60,15 @@ def test_opcheck_batch_norm_stats():
         torch.library.opcheck(torch.ops.fusedres.batch_norm_stats_.default, (x, *running, 0.1, num_batches_tracked))
 
 
-def test_opcheck_add_relu():
-    for layouts in ((False, False), (True, False)):
+def test_opcheck_add_act():
+    for layouts, activation in (((False, False), "relu"), ((True, False), "mish"), ((False, False), "relu6")):
         x = make_input((2, 3, 4, 5), torch.float32, layouts[0], shift=0.0).requires_grad_()
         r = make_input((2, 3, 4, 5), torch.float16, layouts[1], shift=0.0).requires_grad_()
-        torch.library.opcheck(torch.ops.fusedres.add_relu.default, (x, r))
-        y = torch.ops.fusedres.add_relu(x.detach(), r.detach())
-        torch.library.opcheck(torch.ops.fusedres.relu_backward.default, (torch.randn_like(y), y))
+        torch.library.opcheck(torch.ops.fusedres.add_act.default, (x, r, activation, 0.01))
+        y = torch.ops.fusedres.add_act(x.detach(), r.detach(), activation, 0.01)
+        summands = (y, None) if activation in ("relu", "relu6") else (x.detach(), r.detach())
+        torch.library.opcheck(torch.ops.fusedres.act_backward.default, (torch.randn_like(y), *summands, activation,
+                                                                         0.01))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -1,12 +1,14 @@
-"""Batch-norm (+ residual add) + ReLU kernels, forward and backward, and their launchers.
+"""Batch-norm (+ residual add) + activation kernels, forward and backward, and their launchers.
 
 Launches and bytes per element moved (e = element size; docs/design.md's floors):
   inference:          apply                                  read x [, r], write y              2e [3e]
   training forward:   statistics (+ merge, running stats)    read x                             1e
                       apply                                  read x [, r], write y              2e [3e]
-  training backward:  reduce (+ merge, dweight, dbias)       read dy, x [, y], write [dz]       2e [4e]
+  training backward:  reduce (+ merge, dweight, dbias)       read dy, x [, y or r], write [dz]  2e [4e]
                       dx                                     read dy or dz, x, write dx         3e
-  eval backward:      reduce, writing dx itself              read dy, x [, y], write dx [, dz]  3e [5e]
+  eval backward:      reduce, writing dx itself              read dy, x [, y or r], write dx [, dz]  3e [5e]
+(identity with a residual: dz is dy, nothing more is read or written.) The activations are
+``activations.py``'s; ``slope`` is leaky_relu's negative slope.
 Per-channel vectors (statistics, weight, bias, partial rows) are negligible next to these.
 
 Every kernel walks its tensors as ``_launch.py`` describes: program ``(channel block, split)`` visits the chunks of
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation
 from ._launch import (ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, launch, needs_int64,
                       plan_tiles, stride_alignment, ticket_counters)
 
@@ -256,12 +259,6 @@ def _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weig
     return scale, shift, mean, invstd
 
 
-@triton.jit
-def _relu(z):
-    # NaN stays NaN, as torch.relu: tl.maximum(z, 0) and tl.where(z > 0, z, 0) would both turn it into 0.
-    return tl.where(z < 0, 0.0, z)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
@@ -330,15 +327,17 @@ def _bn_act_apply_kernel(
     mean_ptr, mean_stride, var_ptr, var_stride,  # the batch's statistics, or the running ones
     weight_ptr, weight_stride, bias_ptr, bias_stride,
     eps, eps_residue,                            # two fp32 parts
+    slope,
     channels, inner, inner_blocks, chunks, chunks_per_split,
     x_stride_outer, x_stride_inner, x_stride_channel,
     residual_stride_outer, residual_stride_inner, residual_stride_channel,
     y_stride_outer, y_stride_inner, y_stride_channel,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
     ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
-    """y = relu(x * scale + shift [+ residual])."""
+    """y = act(x * scale + shift [+ residual])."""
     c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
     scale, shift, _mean, _invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
                                                    weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
@@ -353,31 +352,34 @@ def _bn_act_apply_kernel(
             z += _load_tile(residual_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, residual_stride_outer,
                             residual_stride_inner, residual_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
                             SLAB_INNER, ALIGN, INT64)
-        _store_tile(y_ptr, _relu(z), outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer,
+        _store_tile(y_ptr, apply_activation(z, slope, ACTIVATION), outer, rows, row_mask, c0, offs_c, mask_c,
+                    channels, y_stride_outer,
                     y_stride_inner, y_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backward. For y = relu(z), z = xhat * w + b [+ r], xhat = (x - mean) * invstd, per channel over the
+# Backward. For y = act(z), z = xhat * w + b [+ r], xhat = (x - mean) * invstd, per channel over the
 # M = N * H * W values of the batch:
-#   dz      = dy where z > 0, else 0                  (also the residual's gradient)
+#   dz      = dy * act'(z)                              (also the residual's gradient)
 #   dbias   = sum(dz),  dweight = sum(dz * xhat)
 #   dx      = w * invstd * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)     batch statistics (training)
 #   dx      = w * invstd * dz                                                 frozen statistics: one pass
-# The mask z > 0: without a residual, z = x * scale + shift is recomputed from x with the forward's own
-# arithmetic (_channel_affine), so the backward reads dy and x only. With one, z needs r as well; the mask is
-# then read from the saved output instead (y > 0 exactly where z > 0; a NaN y is not > 0, as eager's
-# threshold_backward on relu's result), and the reduce pass writes dz, which the dx pass reads in place of dy:
-# 4e + 3e, where re-reading y in the dx pass would also cost 7e.
+# act'(z): without a residual, z = x * scale + shift is recomputed from x with the forward's own arithmetic
+# (_channel_affine), so the backward reads dy and x only. With one, z needs r as well: the ReLU family reads its
+# derivative from the saved output instead (y <= 0 exactly where z <= 0; 0 < y < 6 where 0 < z < 6); the other
+# activations read r (the block's input, which the next layer saves anyway). The reduce pass then writes dz,
+# which the dx pass reads in place of dy: 4e + 3e, where re-reading y or r in the dx pass would also cost 7e.
+# The identity needs no z at all: dz is dy.
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _bn_backward_reduce_kernel(
-    grad_y_ptr, x_ptr, y_ptr,
-    grad_z_ptr,                  # out (y's strides): dz, when WRITE_GRAD_Z
+    grad_y_ptr, x_ptr,
+    pre_ptr,                     # what the pre-activation needs beyond x: the output y or the residual r
+    grad_z_ptr,                  # out (pre's strides): dz, when WRITE_GRAD_Z
     grad_x_ptr,                  # out (x's strides): dx with frozen statistics, when WRITE_GRAD_X
     mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
-    eps, eps_residue,
+    eps, eps_residue, slope,
     partial_ptr,                 # [2, splits, channels] scratch: each split's sum(dz) and sum(dz * xhat)
     ticket_ptr,                  # [channel_blocks] int32 counters: zero on entry, left zero
     sums_ptr,                    # [2, channels] out: sum(dz), sum(dz * xhat) (accumulator dtype)
@@ -385,8 +387,10 @@ def _bn_backward_reduce_kernel(
     channels, inner, inner_blocks, chunks, chunks_per_split,
     grad_y_stride_outer, grad_y_stride_inner, grad_y_stride_channel,
     x_stride_outer, x_stride_inner, x_stride_channel,
-    y_stride_outer, y_stride_inner, y_stride_channel,
-    MASK_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_Z: tl.constexpr, WRITE_GRAD_X: tl.constexpr,
+    pre_stride_outer, pre_stride_inner, pre_stride_channel,
+    ACTIVATION: tl.constexpr,
+    PRE: tl.constexpr,           # where act'(z) comes from: "input" (z from x), "output" (y), "residual" (x and r)
+    WRITE_GRAD_Z: tl.constexpr, WRITE_GRAD_X: tl.constexpr,
     MERGE: tl.constexpr,         # the sums are wanted (training, or dweight/dbias): write partials and merge
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -408,16 +412,21 @@ def _bn_backward_reduce_kernel(
         dy = _load_tile(grad_y_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, grad_y_stride_outer,
                         grad_y_stride_inner, grad_y_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
                         SLAB_INNER, ALIGN, INT64)
-        if MASK_FROM_OUTPUT:
-            keep = _load_tile(y_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer,
-                              y_stride_inner, y_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
-                              ALIGN, INT64) > 0
+        if PRE == "input":
+            z = x * scale[None, :] + shift[None, :]
         else:
-            keep = x * scale[None, :] + shift[None, :] > 0
-        dz = tl.where(keep, dy, 0.0)  # 0 where rows or channels do not exist: the tiles are 0 there
+            z = _load_tile(pre_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, pre_stride_outer,
+                           pre_stride_inner, pre_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
+                           ALIGN, INT64)
+            if PRE == "residual":
+                z += x * scale[None, :] + shift[None, :]
+        # The derivative taken on the output y works for the ReLU family (see above); dy is 0 where rows or
+        # channels do not exist, and so is dz.
+        dz = activation_grad(dy, z, slope, ACTIVATION)
         if WRITE_GRAD_Z:
-            _store_tile(grad_z_ptr, dz, outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer,
-                        y_stride_inner, y_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+            _store_tile(grad_z_ptr, dz, outer, rows, row_mask, c0, offs_c, mask_c, channels, pre_stride_outer,
+                        pre_stride_inner, pre_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN,
+                        INT64)
         if WRITE_GRAD_X:
             _store_tile(grad_x_ptr, dz * scale[None, :], outer, rows, row_mask, c0, offs_c, mask_c, channels,
                         x_stride_outer, x_stride_inner, x_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST,
@@ -444,17 +453,18 @@ def _bn_backward_reduce_kernel(
 
 @triton.jit
 def _bn_backward_dx_kernel(
-    grad_ptr,                    # dz, or dy when GRAD_IS_DY (the mask then recomputed from x)
+    grad_ptr,                    # dz, or dy when GRAD_IS_DY (act'(z) then recomputed from x)
     x_ptr, grad_x_ptr,
     mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
-    eps, eps_residue,
+    eps, eps_residue, slope,
     sums_ptr,                    # [2, channels]: sum(dz), sum(dz * xhat), from the reduce pass
     count,                       # M = N * H * W
     channels, inner, inner_blocks, chunks, chunks_per_split,
     grad_stride_outer, grad_stride_inner, grad_stride_channel,
     x_stride_outer, x_stride_inner, x_stride_channel,
     grad_x_stride_outer, grad_x_stride_inner, grad_x_stride_channel,
-    GRAD_IS_DY: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr, GRAD_IS_DY: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
     ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -475,7 +485,7 @@ def _bn_backward_dx_kernel(
                         grad_stride_inner, grad_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
                         ALIGN, INT64)
         if GRAD_IS_DY:
-            dz = tl.where(x * scale[None, :] + shift[None, :] > 0, dz, 0.0)
+            dz = activation_grad(dz, x * scale[None, :] + shift[None, :], slope, ACTIVATION)
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]) * scale[None, :]
         _store_tile(grad_x_ptr, dx, outer, rows, row_mask, c0, offs_c, mask_c, channels, grad_x_stride_outer,
@@ -538,18 +548,26 @@ def _eps_args(eps: float) -> dict:
     return dict(eps=eps, eps_residue=eps_residue)
 
 
-def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, **tiles) -> None:
-    """out = relu(batch_norm(x; mean, var, weight, bias) [+ residual])."""
+def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, *, activation: str = "relu",
+                 slope: float = 0.0, **tiles) -> None:
+    """out = act(batch_norm(x; mean, var, weight, bias) [+ residual])."""
     if x.numel() == 0:
         return
     geometry, plan = _plan(x, **tiles)
     launch(_bn_act_apply_kernel, plan.grid, dict(
         x_ptr=x, residual_ptr=residual, y_ptr=out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
-        **_eps_args(eps), **_walk_args(geometry, plan, dict(x=x, residual=residual, y=out)),
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **_eps_args(eps), slope=slope, **_walk_args(geometry, plan, dict(x=x, residual=residual, y=out)),
+        ACTIVATION=_activation(activation), HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
         # An fp64 residual makes an fp64 output: keep its precision, as eager's fp64 add does.
         ACC=accumulator_dtype(torch.promote_types(x.dtype, out.dtype)),
         INT64=needs_int64(x, residual, out, mean, var, weight, bias)), plan.num_warps)
+
+
+def _activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"fusedres kernels: unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return name
 
 
 def bn_batch_stats(x, mean_out, var_out, running_mean=None, running_var=None, *, momentum: float = 0.0,
@@ -570,45 +588,53 @@ def bn_batch_stats(x, mean_out, var_out, running_mean=None, running_var=None, *,
         BLOCK_S=plan.merge_block_splits, INT64=needs_int64(x, running_mean, running_var)), plan.num_warps)
 
 
-def bn_act_backward_reduce(grad_y, x, y, mean, var, weight, bias, eps: float, *, sums_out, grad_z_out=None,
-                           grad_x_out=None, grad_weight_out=None, grad_bias_out=None, need_sums: bool = True,
-                           **tiles) -> None:
-    """dz = grad_y * relu'(pre-activation) and, when ``need_sums``, ``sums_out`` = per-channel sum(dz) and
+def bn_act_backward_reduce(grad_y, x, mean, var, weight, bias, eps: float, *, sums_out, activation: str = "relu",
+                           slope: float = 0.0, output=None, residual=None, grad_z_out=None, grad_x_out=None,
+                           grad_weight_out=None, grad_bias_out=None, need_sums: bool = True, **tiles) -> None:
+    """dz = grad_y * act'(pre-activation) and, when ``need_sums``, ``sums_out`` = per-channel sum(dz) and
     sum(dz * xhat) (a ``[2, channels]`` tensor in the accumulator dtype), dbias and dweight. One launch.
 
-    ``y`` given: the mask is ``y > 0`` (a residual was added); else it is recomputed from x. Optionally writes
-    dz (``grad_z_out``, y's strides), dx = dz * weight * invstd (``grad_x_out``, x's strides: frozen
+    The pre-activation: from x alone (no residual was added), from the saved ``output`` (a residual was added and
+    the activation is of the ReLU family), or from x and the ``residual``. Optionally writes dz (``grad_z_out``,
+    with the output's or the residual's strides), dx = dz * weight * invstd (``grad_x_out``, x's strides: frozen
     statistics), and dweight / dbias (contiguous)."""
+    activation = _activation(activation)
+    if output is not None and residual is not None:
+        raise ValueError("fusedres kernels: the pre-activation comes from the output or from the residual, not both")
+    if output is not None and activation not in DERIVATIVE_FROM_OUTPUT:
+        raise ValueError(f"fusedres kernels: {activation}'s derivative cannot be read from its output")
+    pre = output if output is not None else residual
     geometry, plan = _plan(x, **tiles)
-    if grad_z_out is not None and y is not None and grad_z_out.stride() != y.stride():
-        raise ValueError("fusedres kernels: grad_z_out must have the output's strides")
+    if grad_z_out is not None and pre is not None and grad_z_out.stride() != pre.stride():
+        raise ValueError("fusedres kernels: grad_z_out must have the strides of the output or residual it is read with")
     if grad_x_out is not None and grad_x_out.stride() != x.stride():
         raise ValueError("fusedres kernels: grad_x_out must have the input's strides")
     need_sums = need_sums or grad_weight_out is not None or grad_bias_out is not None
     launch(_bn_backward_reduce_kernel, plan.grid, dict(
-        grad_y_ptr=grad_y, x_ptr=x, y_ptr=y, grad_z_ptr=grad_z_out, grad_x_ptr=grad_x_out,
-        **_vector_args(mean=mean, var=var, weight=weight, bias=bias), **_eps_args(eps),
+        grad_y_ptr=grad_y, x_ptr=x, pre_ptr=pre, grad_z_ptr=grad_z_out, grad_x_ptr=grad_x_out,
+        **_vector_args(mean=mean, var=var, weight=weight, bias=bias), **_eps_args(eps), slope=slope,
         partial_ptr=torch.empty((2, plan.splits if need_sums else 0, geometry.channels), dtype=sums_out.dtype,
                                 device=x.device),
         ticket_ptr=ticket_counters(x.device, plan.channel_blocks), sums_ptr=sums_out,
         grad_weight_ptr=grad_weight_out, grad_bias_ptr=grad_bias_out,
-        **_walk_args(geometry, plan, dict(grad_y=grad_y, x=x, y=y if y is not None else grad_z_out)),
-        MASK_FROM_OUTPUT=y is not None, WRITE_GRAD_Z=grad_z_out is not None, WRITE_GRAD_X=grad_x_out is not None,
+        **_walk_args(geometry, plan, dict(grad_y=grad_y, x=x, pre=pre if pre is not None else grad_z_out)),
+        ACTIVATION=activation, PRE="output" if output is not None else "residual" if residual is not None else "input",
+        WRITE_GRAD_Z=grad_z_out is not None, WRITE_GRAD_X=grad_x_out is not None,
         MERGE=need_sums, WRITE_GRAD_WEIGHT=grad_weight_out is not None, WRITE_GRAD_BIAS=grad_bias_out is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype),
         BLOCK_S=plan.merge_block_splits,
-        INT64=needs_int64(grad_y, x, y, grad_z_out, grad_x_out, mean, var, weight, bias)), plan.num_warps)
+        INT64=needs_int64(grad_y, x, pre, grad_z_out, grad_x_out, mean, var, weight, bias)), plan.num_warps)
 
 
 def bn_backward_dx(grad, x, mean, var, weight, bias, eps: float, sums, *, grad_is_dy: bool, grad_x_out,
-                   **tiles) -> None:
-    """grad_x_out = batch-norm input gradient with batch statistics, from dz (or from dy, mask recomputed);
-    ``sums`` is the reduce pass's ``[2, channels]`` sum(dz), sum(dz * xhat)."""
+                   activation: str = "relu", slope: float = 0.0, **tiles) -> None:
+    """grad_x_out = batch-norm input gradient with batch statistics, from dz (or from dy, act'(z) recomputed from
+    x); ``sums`` is the reduce pass's ``[2, channels]`` sum(dz), sum(dz * xhat)."""
     geometry, plan = _plan(x, **tiles)
     launch(_bn_backward_dx_kernel, plan.grid, dict(
         grad_ptr=grad, x_ptr=x, grad_x_ptr=grad_x_out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
-        **_eps_args(eps), sums_ptr=sums, count=geometry.outer * geometry.inner,
+        **_eps_args(eps), slope=slope, sums_ptr=sums, count=geometry.outer * geometry.inner,
         **_walk_args(geometry, plan, dict(grad=grad, x=x, grad_x=grad_x_out)),
-        GRAD_IS_DY=grad_is_dy, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC=accumulator_dtype(x.dtype), INT64=needs_int64(grad, x, grad_x_out, mean, var, weight, bias)),
-        plan.num_warps)
+        ACTIVATION=_activation(activation), GRAD_IS_DY=grad_is_dy, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype),
+        INT64=needs_int64(grad, x, grad_x_out, mean, var, weight, bias)), plan.num_warps)

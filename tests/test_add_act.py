@@ -1,11 +1,13 @@
-"""add_relu against eager PyTorch on fp64 copies."""
+"""add_relu and add_act against eager PyTorch on fp64 copies."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fusedres.functional as FF
-from tests.helpers import FLOAT_DTYPES, assert_close, fp64_copy, make_input
+from fusedres.functional import ACTIVATIONS
+from tests.helpers import (FLOAT_DTYPES, NAN_DERIVATIVE_DEPENDS_ON_LAYOUT, REFERENCE_ACTIVATIONS, TOLERANCES,
+                           assert_close, fp64_copy, make_input)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -59,3 +61,35 @@ def test_non_dense_inputs_and_empty():
     assert_close(FF.add_relu(x, r), torch.relu(x.double() + r.double()), "output")
     e = torch.empty((0, 3), device=x.device)
     assert FF.add_relu(e, e).shape == (0, 3)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_matches_eager(activation):
+    """Forward and both gradients; NaN and Inf where eager has them (derivatives at NaN per activation)."""
+    dtype = FLOAT_DTYPES[ACTIVATIONS.index(activation) % len(FLOAT_DTYPES)]
+    channels_last = ACTIVATIONS.index(activation) % 2 == 0
+    x = make_input((3, 6, 5, 7), dtype, channels_last, shift=0.0)
+    r = make_input((3, 6, 5, 7), torch.float32, not channels_last, shift=0.0)
+    x[0, 0, 0, 0], r[1, 1, 1, 1], r[2, 2, 2, 2] = float("nan"), float("inf"), float("-inf")
+    x, r = x.requires_grad_(), r.requires_grad_()
+    y = FF.add_act(x, r, activation=activation, negative_slope=0.2)
+    x64, r64 = fp64_copy(x, True), fp64_copy(r, True)
+    y_ref = REFERENCE_ACTIVATIONS[activation](x64 + r64, 0.2)
+    assert y.dtype == torch.promote_types(dtype, torch.float32)
+    assert_close(y, y_ref, "output", dtype=dtype)
+    g = make_input(y.shape, y.dtype, shift=0.0)
+    grads = torch.autograd.grad(y, (x, r), g)
+    compared = torch.ones_like(y, dtype=torch.bool)
+    if activation in NAN_DERIVATIVE_DEPENDS_ON_LAYOUT:
+        compared = ~torch.isnan(x64 + r64)
+    for name, grad, ref, leaf in zip(("input", "residual"), grads, torch.autograd.grad(y_ref, (x64, r64), g.double()),
+                                     (x, r)):
+        assert grad.dtype == leaf.dtype
+        looser = max((dtype, leaf.dtype), key=lambda d: TOLERANCES[d].rtol)
+        assert_close(grad[compared], ref[compared], f"grad of {name}", dtype=looser)
+
+
+def test_unknown_activation_is_refused_clearly():
+    x = make_input((2, 3), torch.float32)
+    with pytest.raises(ValueError, match="add_act: unsupported activation 'elu'; supported: identity, relu"):
+        FF.add_act(x, x, activation="elu")
