@@ -15,10 +15,9 @@ ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_
 # backward reads the saved output instead of recomputing the pre-activation from the input and the residual.
 DERIVATIVE_FROM_OUTPUT = ("relu", "relu6")
 
-_SQRT1_2 = 0.7071067811865476    # 1 / sqrt(2)
-_GELU_PDF = 0.3989422804014327   # 1 / sqrt(2 pi)
-_TANH_BETA = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_KAPPA = 0.044715
+# The constants are written in the formulas: the GPU compiler refuses a plain global, and the interpreter
+# mishandles a constexpr global on the left of an operator. 0.7071067811865476 = 1 / sqrt(2),
+# 0.3989422804014327 = 1 / sqrt(2 pi), 0.7978845608028654 = sqrt(2 / pi), 0.044715: the tanh approximation's.
 
 
 @triton.jit
@@ -49,9 +48,9 @@ def apply_activation(z, slope, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "silu":
         out = z / (1.0 + tl.exp(-z))
     elif ACTIVATION == "gelu":
-        out = 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":
-        out = 0.5 * z * (1.0 + _tanh(_TANH_BETA * (z + _TANH_KAPPA * z * z * z)))
+        out = 0.5 * z * (1.0 + _tanh((z + z * z * z * 0.044715) * 0.7978845608028654))
     elif ACTIVATION == "hardswish":
         out = z * tl.where(z + 3.0 < 0, 0.0, tl.where(z + 3.0 > 6.0, 6.0, z + 3.0)) / 6.0
     else:
@@ -78,13 +77,13 @@ def activation_grad(dy, z, slope, ACTIVATION: tl.constexpr):
         sigmoid = 1.0 / (1.0 + tl.exp(-z))
         grad = dy * sigmoid * (1.0 + z * (1.0 - sigmoid))
     elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
-        pdf = tl.exp(-0.5 * z * z) * _GELU_PDF
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         grad = dy * (cdf + z * pdf)
     elif ACTIVATION == "gelu_tanh":
-        inner_tanh = _tanh(_TANH_BETA * (z + _TANH_KAPPA * z * z * z))
+        inner_tanh = _tanh((z + z * z * z * 0.044715) * 0.7978845608028654)
         left_derivative = 0.5 * (1.0 + inner_tanh)
-        right_derivative = 0.5 * z * (1.0 - inner_tanh * inner_tanh) * _TANH_BETA * (1.0 + 3.0 * _TANH_KAPPA * z * z)
+        right_derivative = 0.5 * z * (1.0 - inner_tanh * inner_tanh) * 0.7978845608028654 * (1.0 + z * z * 0.134145)
         grad = dy * (left_derivative + right_derivative)
     elif ACTIVATION == "hardswish":
         grad = tl.where(z >= 3.0, dy, tl.where(z <= -3.0, 0.0, dy * (z / 3.0 + 0.5)))  # NaN at a NaN
