@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import pathlib
 import platform
 import shutil
@@ -18,6 +19,29 @@ def _run(*command: str, cwd=None) -> str:
         return ""
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU's model and the cores this process may use. platform.processor() is empty on Linux, hence
+    /proc/cpuinfo first (its "model name"; "Model" on some ARM boards), then sysctl on macOS."""
+    name = ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and value.strip():
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    if not name and platform.system() == "Darwin":
+        name = _run("sysctl", "-n", "machdep.cpu.brand_string")
+    name = name or platform.processor() or platform.machine() or "unknown"
+    return f"{name}, {usable_cores()} cores"
+
+
 def collect(device: torch.device) -> dict:
     import triton
 
@@ -26,7 +50,7 @@ def collect(device: torch.device) -> dict:
     here = pathlib.Path(__file__).resolve().parent
     on_gpu = device.type == "cuda"
     return {
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or 'unknown'})",
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({cpu_name()})",
         "driver": (_run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").splitlines() or [""])[0]
         if on_gpu and shutil.which("nvidia-smi") else "",
         "cuda": torch.version.cuda or "",
