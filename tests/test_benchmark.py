@@ -1,4 +1,4 @@
-"""fusedres-bench in its CPU quick mode: the files it writes and what their rows say."""
+"""fusedres-bench in its CPU quick mode: the files it writes and what their rows and summary say."""
 from __future__ import annotations
 
 import csv
@@ -7,13 +7,36 @@ import json
 import pytest
 import torch
 
-from fusedres.benchmark import cli
+from fusedres import kernel_report
+from fusedres.benchmark import cli, environment
 from fusedres.benchmark.cases import floor_bytes
-from fusedres.benchmark.report import ENV_FIELDS, ROW_FIELDS
+from fusedres.benchmark.report import ENV_FIELDS, KERNELS_HEADING, ROW_FIELDS
 from tests.helpers import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="the CPU mode of the benchmark")
 pytest.importorskip("matplotlib", reason="the benchmark writes a PNG plot")
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in ``text``, as rows of cells (header, separator, body)."""
+    tables, table = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif table:
+            tables.append(table)
+            table = []
+    return tables
+
+
+def assert_cpu_summary(summary: str) -> None:
+    """A CPU run's summary names the CPU and leaves out the columns it cannot fill."""
+    assert f"CPU ({environment.cpu_name()})" in summary and "CPU (unknown" not in summary
+    tables = markdown_tables(summary)
+    assert tables
+    for header, _, *body in tables:
+        for index, heading in enumerate(header):
+            assert any(row[index] for row in body), f"column {heading!r} is empty on every row"
 
 
 def test_ops_suite_quick_cpu_run(tmp_path, capsys):
@@ -26,7 +49,9 @@ def test_ops_suite_quick_cpu_run(tmp_path, capsys):
     with open(tmp_path / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and set(csv_rows[0]) == set(ROW_FIELDS + ENV_FIELDS)
-    assert (tmp_path / "summary.md").read_text().startswith("## fusedres-bench")
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("## fusedres-bench") and KERNELS_HEADING not in summary
+    assert_cpu_summary(summary)
     assert (tmp_path / "speedup.png").stat().st_size > 1000
     cases = {(r["op"], r["mode"], r["shape"], r["layout"]) for r in rows}
     assert len(cases) == 3 * 4 * 2  # ops x modes x layouts (one quick shape each on a CPU)
@@ -60,3 +85,33 @@ def test_blocks_models_and_numerics_quick_cpu_run(tmp_path):
     assert set(numerics["losses"]) == {"eager", "fusedres", "eager float64"}
     assert len(numerics["losses"]["fusedres"]) == 2
     assert (tmp_path / "numerics.png").stat().st_size > 1000 and (tmp_path / "speedup.png").exists()
+
+
+def test_kernels_suite_quick_cpu_run(tmp_path):
+    """The model's prediction on ResNet-50's quick sites at batch 128: compiled for sm_90 in a child process,
+    bytes counted in this one's interpreter; labelled a prediction, never timed on a CPU."""
+    assert cli.main(["--quick", "--suite", "kernels", "--dtype", "fp32", "--layout", "channels_last",
+                     "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert KERNELS_HEADING in summary and "not a measurement" in KERNELS_HEADING
+    assert_cpu_summary(summary)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert {(r["op"], r["mode"]) for r in rows} == set(kernel_report.OP_MODES)
+    assert len(rows) == 2 * 4 + 2 * (4 + 2)  # quick sites: two followed by a ReLU (4 modes), two by the add (4 + 2)
+    for row in rows:
+        assert row["level"] == "kernel" and row["source"] == "prediction" and row["provider"] == "fusedres"
+        assert row["ms"] is None and row["timer"] is None, "a CPU run never times the kernels"
+        assert "failed" not in (row["note"] or "") and "not counted" not in (row["note"] or ""), row["note"]
+        assert row["launches"] == kernel_report.EXPECTED_LAUNCHES[row["mode"]], row
+        assert row["registers"] > 0 and 0 < row["occupancy"] <= 1 and row["load_bits"] >= 128, row
+        floor = kernel_report.FLOOR_ELEMENT_BYTES[(row["op"], row["mode"])]
+        assert row["floor_element_bytes"] == floor
+        assert floor <= row["counted_element_bytes"] <= 1.2 * floor, row
+        numel = 1
+        for size in map(int, row["shape"].split("x")):
+            numel *= size
+        assert row["shape"].startswith("128x") and row["counted_on"] != row["shape"]
+        assert row["predicted_ms_h200"] == pytest.approx(row["counted_element_bytes"] * numel * 4 / 4800e9 * 1e3)
+        assert row["predicted_ms_h100"] > row["predicted_ms_h200"]

@@ -2,9 +2,11 @@
 
 On a GPU: the ops on ResNet-50's batch-norm shapes, the seed's and torchvision's blocks, torchvision's ResNet-18/50
 (inference and a training step) timed with do_bench, providers interleaved case by case in one process; and a
-numerics check, SmallResNet trained eagerly and fused on scikit-learn's digits. Without a GPU: a CPU run,
-labelled as such: eager timed with torch.utils.benchmark, the fused kernels run through Triton's interpreter on
-small shapes and reported by their error against eager PyTorch on float64 copies (interpreter times are not speed).
+numerics check, SmallResNet trained eagerly and fused on scikit-learn's digits; the kernels suite, what each op
+launches, moves and compiles to as fusedres.kernel_report predicts it, beside its measured time. Without a GPU: a
+CPU run, labelled as such: eager timed with torch.utils.benchmark, the fused kernels run through Triton's
+interpreter on small shapes and reported by their error against eager PyTorch on float64 copies (interpreter times
+are not speed), and the kernels suite's prediction alone.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import time
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PROVIDERS = ("eager", "compile", "fusedres")
-SUITES = ("ops", "blocks", "models", "numerics")
+SUITES = ("ops", "blocks", "models", "numerics", "kernels")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", help="comma-separated: bf16, fp16, fp32 (blocks and models run "
                                                          "half types under autocast)")
     parser.add_argument("--layout", default="channels_last", help="comma-separated: channels_last, nchw")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on a GPU, 2 on a CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on a GPU, 2 on a CPU (the "
+                                                                      "kernels suite: 128 everywhere)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated: " + ", ".join(PROVIDERS))
     parser.add_argument("--ops", default="batch_norm_relu,batch_norm_add_relu,add_relu")
     parser.add_argument("--modes", default="inference,train_forward,backward,forward_backward",
@@ -70,6 +73,12 @@ def _run_suite(suite: str, settings, options, out: pathlib.Path) -> list[dict]:
         from .blocks_suite import run_models
 
         return run_models(settings)
+    if suite == "kernels":
+        from fusedres.kernel_report import BATCH
+
+        from .kernels_suite import run_kernels
+
+        return run_kernels(settings, batch=options.batch_size or BATCH)  # a prediction: the real size on a CPU too
     from dataclasses import replace
 
     from .numerics import run_numerics
@@ -119,8 +128,10 @@ def main(argv=None) -> int:
         except ImportError as missing:  # e.g. torchvision or scikit-learn not installed: skip that level only
             print(f"fusedres-bench: skipping the {suite} suite: {missing}", file=sys.stderr)
     report.add_derived(rows, copy_gbps)
-    where = env["device"] if on_gpu else ("CPU run: eager timed on the CPU; fusedres run in Triton's interpreter, "
-                                          "checked against eager, not timed")
+    cpu_run = ((["eager timed on the CPU; fusedres run in Triton's interpreter, checked against eager, not timed"]
+                if set(suites) - {"kernels"} else [])
+               + (["kernels predicted by the model"] if "kernels" in suites else []))
+    where = env["device"] if on_gpu else "CPU run: " + "; ".join(cpu_run)
     summary = report.write_all(rows, env, out, copy_gbps=copy_gbps, title=f"fusedres-bench · {where}")
     print(summary)
     print(f"fusedres-bench: {len(rows)} rows in {time.time() - started:.0f} s -> {out}/ results.json, "
