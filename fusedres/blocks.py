@@ -1,15 +1,16 @@
 """The seed's blocks, fused: same constructor signatures and state_dict keys as the seed's eager code
 (``fusedres.seed``), so checkpoints load in both directions; ``fusedres.revert`` gives back the eager classes.
 
-Inside ``residual``, each batch-norm followed by a ReLU is a BatchNormReLU2d and the ReLU a ReLUFusedAway; the
-last batch-norm before the shortcut add is a BatchNormReLU2d that the block's forward calls with the shortcut,
-so ``block.residual`` alone no longer computes F(x): the block's forward is the contract."""
+Inside ``residual``, each batch-norm followed by a ReLU is a BatchNormReLU2d and the ReLU an
+ActivationFusedAway; the last batch-norm before the shortcut add is a BatchNormReLU2d that the block's forward
+calls with the shortcut, so ``block.residual`` alone no longer computes F(x): the block's forward is the
+contract."""
 from __future__ import annotations
 
 from torch import nn
 
 from . import seed
-from .modules import BATCH_NORM_ADD_RELU, BatchNormReLU2d, fuse_relu_module, fused_site
+from .modules import BatchNormReLU2d, fuse_activation_module, fused_site
 
 __all__ = ["BasicBlock", "ProjectionBlock", "BottleneckBlock", "PreActBlock", "SmallResNet"]
 
@@ -26,9 +27,9 @@ class _FusedSeedBlock:
     def fuse(cls, block: nn.Module) -> nn.Module:
         block.__class__ = cls
         for index in cls.relu_sites:
-            fuse_relu_module(block.residual, str(index), str(index + 1))
+            fuse_activation_module(block.residual, str(index), str(index + 1))
         if cls.add_site is not None:
-            BatchNormReLU2d.fuse(block.residual[cls.add_site], BATCH_NORM_ADD_RELU)
+            BatchNormReLU2d.fuse(block.residual[cls.add_site], with_residual=True)
         return block
 
     def _fused_residual(self, x, shortcut):
@@ -108,7 +109,7 @@ class SmallResNet(seed.SmallResNet):
     @classmethod
     def fuse(cls, model: seed.SmallResNet) -> seed.SmallResNet:
         model.__class__ = cls
-        fuse_relu_module(model.stem, "1", "2")
+        fuse_activation_module(model.stem, "1", "2")
         for stage in (model.stage1, model.stage2, model.stage3):
             for block in stage:
                 if type(block) in FUSED_SEED_BLOCKS:  # (blocks fused already are left as they are)

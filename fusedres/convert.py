@@ -1,21 +1,29 @@
-"""``convert``, ``revert`` and ``conversion_report``: make an existing model run its batch-norm + ReLU and
-batch-norm + add + ReLU sites on the fused ops, and back.
+"""``convert``, ``revert`` and ``conversion_report``: make an existing model run its batch-norm + activation and
+batch-norm + add (+ activation) sites on fusedres's fused ops, and back.
 
 How a site is found: each module's own forward is traced with torch.fx (its submodules are leaves, except plain
-``nn.Sequential``s, which are traced through), so blocks are recognised by what they compute, not by class
+``nn.Sequential``s and Sequential subclasses without a forward of their own, such as torchvision's
+``Conv2dNormActivation``, which are traced through), so blocks are recognised by what they compute, not by class
 name. A site is an ``nn.BatchNorm2d`` (called once, held by one parent, no hooks) whose output goes only, through
-``nn.Identity`` modules at most, to a ReLU, or to an add whose result goes only to a ReLU. Then:
+``nn.Identity`` modules at most, to an activation fusedres fuses (a module or a function:
+``fusedres.modules.describe_activation``), or to an add whose result goes only to such an activation, or to an
+add with no activation after it at all (the identity: MobileNetV2's linear bottleneck). timm's
+``BatchNormAct2d`` (batch-norm and activation in one module) becomes fusedres's ``BatchNormAct2d`` in place, and
+one with the identity for activation can then take the add that follows it. Then:
 
-- where every site of a module is a batch-norm followed by a ReLU *module* used only there, the two modules are
-  swapped in place (BatchNormReLU2d, ReLUFusedAway): the module's class and forward stay as they are;
+- where every site of a module is a batch-norm followed by an activation *module* used only there, the two
+  modules are swapped in place (BatchNormAct2d, ActivationFusedAway): the module's class and forward stay as
+  they are;
 - otherwise the module's forward is rewritten from the traced graph, each site becoming one call of
   ``fusedres.modules.fused_site``, and the module's class becomes an importable subclass of its own
   (``fusedres.converted``): it stays an instance of its original class, and pickles.
 
 A forward that cannot be traced, or that reads ``self.training`` or other run-time switches (tracing would
-freeze them), is not rewritten; its sites are named in the report. The seed's eager blocks
-(``fusedres.seed``) become fusedres's fused blocks. Parameters and buffers are the same objects, so the
-state_dict is unchanged and, with ``inplace=True``, an optimizer built before conversion keeps working.
+freeze them), is not rewritten; its sites are named in the report. So is anything between the batch-norm and
+the add that is not an identity (stochastic depth, drop-path with a non-zero rate, squeeze-excitation): such
+sites are not sites. The seed's eager blocks (``fusedres.seed``) become fusedres's fused blocks. Parameters and
+buffers are the same objects, so the state_dict is unchanged and, with ``inplace=True``, an optimizer built
+before conversion keeps working.
 """
 from __future__ import annotations
 
@@ -32,14 +40,19 @@ from torch import nn
 
 from .blocks import FUSED_SEED_CLASSES
 from .converted import ConvertedForward, fused_class
-from .modules import (BATCH_NORM_ADD_RELU, BATCH_NORM_RELU, BatchNormReLU2d, ReLUFusedAway, fuse_relu_module,
-                      fused_site)
+from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU,
+                      ActivationFusedAway, BatchNormAct2d, BatchNormReLU2d, describe_activation,
+                      fuse_activation_module, fused_site)
 
 __all__ = ["convert", "revert", "conversion_report"]
 
 NOT_ANALYSED = "not_analysed"
-_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
-_RELU_METHODS = {"relu", "relu_"}
+# Activation functions by what they compute; the default keyword values are F's.
+_ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu_: "relu",
+                         F.relu6: "relu6", F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", F.silu: "silu",
+                         F.gelu: "gelu", F.hardswish: "hardswish", F.mish: "mish"}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
+_TIMM_BATCH_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _RUNTIME_SWITCHES = re.compile(r"self\.training\b|grad_checkpointing|torch\.jit\.is_tracing|is_compiling")
@@ -53,28 +66,51 @@ def _refuse_wrappers(fn: str, model) -> None:
                         f"DistributedDataParallel(fusedres.{fn}(model))")
 
 
+def _traced_through(module: nn.Module) -> bool:
+    """Sequentials without a forward of their own: their parents' traces see inside them."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 class _Tracer(fx.Tracer):
-    """Traces one module's own forward: submodules are leaves, except plain Sequentials."""
+    """Traces one module's own forward: submodules are leaves, except Sequentials without a forward of their own."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return type(module) is not nn.Sequential
+        return not _traced_through(module)
 
 
 @dataclass
 class _Site:
     batch_norm: fx.Node
-    relu: fx.Node
+    end: fx.Node                  # the node the fused call replaces: the activation, or the add without one
+    activation: str
+    negative_slope: float
     add: fx.Node | None = None
     shortcut: fx.Node | None = None
     identities: list = field(default_factory=list)
+    act: fx.Node | None = None    # the activation node, if any
 
 
-def _is_relu(node: fx.Node, owner: nn.Module) -> bool:
+def _activation_of(node: fx.Node, owner: nn.Module) -> tuple[str, float] | None:
+    """(activation, negative_slope) if ``node`` applies an activation fusedres fuses to its only argument."""
     if node.op == "call_module":
-        return type(owner.get_submodule(node.target)) is nn.ReLU
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
-    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1
+        return describe_activation(owner.get_submodule(node.target))
+    if node.op == "call_method":
+        return (_ACTIVATION_METHODS[node.target], 0.01) if node.target in _ACTIVATION_METHODS and \
+            len(node.args) == 1 and not node.kwargs else None
+    if node.op != "call_function" or node.target not in _ACTIVATION_FUNCTIONS:
+        return None
+    name = _ACTIVATION_FUNCTIONS[node.target]
+    extra = dict(node.kwargs)
+    extra.pop("inplace", None)
+    if name == "leaky_relu":
+        slope = node.args[1] if len(node.args) > 1 else extra.pop("negative_slope", 0.01)
+        return (name, float(slope)) if not extra and len(node.args) <= 3 and isinstance(slope, (int, float)) \
+            else None
+    if name == "gelu":
+        approximate = node.args[1] if len(node.args) > 1 else extra.pop("approximate", "none")
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+        return (name, 0.01) if name is not None and not extra else None
+    return (name, 0.01) if not extra and len(node.args) <= (2 if name != "relu" else 1) else None
 
 
 def _add_operand(node: fx.Node, value: fx.Node):
@@ -106,13 +142,22 @@ def _module_calls(graph: fx.Graph) -> dict[str, int]:
     return calls
 
 
+def _is_site_batch_norm(module: nn.Module) -> bool:
+    """A plain batch-norm, or one convert made from timm's BatchNormAct2d with the identity for activation and no
+    residual yet: it can take the add that follows it, and the activation after that."""
+    if type(module) is nn.BatchNorm2d:
+        return True
+    return (type(module) is BatchNormAct2d and "_fusedres_original_class" in module.__dict__
+            and module.activation == "identity" and module.fused_pattern == BATCH_NORM_ACT)
+
+
 def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holders: dict) -> list[_Site]:
     sites = []
     for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1 or node.kwargs or len(node.args) != 1:
             continue
         batch_norm = owner.get_submodule(node.target)
-        if type(batch_norm) is not nn.BatchNorm2d or holders[id(batch_norm)] != 1 or _hooked(batch_norm):
+        if not _is_site_batch_norm(batch_norm) or holders[id(batch_norm)] != 1 or _hooked(batch_norm):
             continue
         value, identities = node, []
         user = _sole_user(value)
@@ -121,13 +166,20 @@ def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holder
             value, user = user, _sole_user(user)
         if user is None:
             continue
-        if _is_relu(user, owner):
-            sites.append(_Site(node, user, identities=identities))
+        activation = _activation_of(user, owner)
+        if activation is not None and type(batch_norm) is nn.BatchNorm2d:
+            sites.append(_Site(node, user, *activation, identities=identities, act=user))
             continue
         shortcut = _add_operand(user, value)
-        relu = _sole_user(user) if shortcut is not None else None
-        if relu is not None and _is_relu(relu, owner):
-            sites.append(_Site(node, relu, add=user, shortcut=shortcut, identities=identities))
+        if shortcut is None:
+            continue
+        after = _sole_user(user)
+        activation = _activation_of(after, owner) if after is not None else None
+        if activation is not None:
+            sites.append(_Site(node, after, *activation, add=user, shortcut=shortcut, identities=identities,
+                               act=after))
+        else:  # the add alone: the identity
+            sites.append(_Site(node, user, "identity", 0.01, add=user, shortcut=shortcut, identities=identities))
     return _one_site_per_add(sites)
 
 
@@ -136,8 +188,8 @@ def _one_site_per_add(sites: list[_Site]) -> list[_Site]:
     ``out += shortcut`` puts the residual branch first."""
     chosen: dict[fx.Node, _Site] = {}
     for site in sites:
-        if site.relu not in chosen or _is_first_summand(site):
-            chosen[site.relu] = site
+        if site.add is None or site.add not in chosen or _is_first_summand(site):
+            chosen[site.add if site.add is not None else site.end] = site
     return list(chosen.values())
 
 
@@ -152,23 +204,24 @@ def _parent_and_name(qualified_name: str) -> tuple[str, str]:
 
 
 def _swappable(site: _Site, owner: nn.Module, calls: dict[str, int], holders: dict) -> bool:
-    """A batch-norm followed by a ReLU module that is used only there, both held by the same parent."""
-    if site.add is not None or site.relu.op != "call_module":
+    """A batch-norm followed by an activation module that is used only there, both held by the same parent."""
+    if site.add is not None or site.act is None or site.act.op != "call_module":
         return False
-    relu = owner.get_submodule(site.relu.target)
-    same_parent = _parent_and_name(site.relu.target)[0] == _parent_and_name(site.batch_norm.target)[0]
-    return same_parent and calls[site.relu.target] == 1 and holders[id(relu)] == 1 and not _hooked(relu)
+    activation = owner.get_submodule(site.act.target)
+    same_parent = _parent_and_name(site.act.target)[0] == _parent_and_name(site.batch_norm.target)[0]
+    return same_parent and calls[site.act.target] == 1 and holders[id(activation)] == 1 and not _hooked(activation)
 
 
 def _rewrite_forward(owner: nn.Module, graph: fx.Graph, sites: list[_Site]) -> str:
     """The source of owner's forward with each site replaced by one fused_site call."""
     for site in sites:
-        with graph.inserting_before(site.relu):
+        with graph.inserting_before(site.end):
             batch_norm = graph.get_attr(site.batch_norm.target)
-            args = (batch_norm, site.batch_norm.args[0]) + ((site.shortcut,) if site.add is not None else ())
-            fused = graph.call_function(fused_site, args)
-        site.relu.replace_all_uses_with(fused)
-        for node in [site.relu, site.add, *reversed(site.identities), site.batch_norm]:
+            args = (batch_norm, site.batch_norm.args[0], site.shortcut if site.add is not None else None)
+            fused = graph.call_function(fused_site, args, dict(activation=site.activation,
+                                                               negative_slope=site.negative_slope))
+        site.end.replace_all_uses_with(fused)
+        for node in dict.fromkeys([site.end, site.act, site.add, *reversed(site.identities), site.batch_norm]):
             if node is not None:
                 graph.erase_node(node)
     graph.lint()
@@ -191,7 +244,7 @@ def _forward_is_rewritable(module: nn.Module) -> str | None:
 
 def _owns_batch_norm(module: nn.Module) -> bool:
     for child in module.children():
-        if type(child) is nn.BatchNorm2d or (type(child) is nn.Sequential and _owns_batch_norm(child)):
+        if _is_site_batch_norm(child) or (_traced_through(child) and _owns_batch_norm(child)):
             return True
     return False
 
@@ -214,19 +267,32 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
     if len(swappable) == len(sites) or reason is not None:
         for site in swappable:
             parent = module.get_submodule(_parent_and_name(site.batch_norm.target)[0])
-            fuse_relu_module(parent, _parent_and_name(site.batch_norm.target)[1],
-                             _parent_and_name(site.relu.target)[1])
+            fuse_activation_module(parent, _parent_and_name(site.batch_norm.target)[1],
+                                   _parent_and_name(site.act.target)[1])
         for site in sites:
             if site not in swappable:
                 not_analysed.append((name, f"{label}.{site.batch_norm.target} ({type(module).__name__}): "
                                            f"left unfused: {reason}"))
         return
     for site in sites:
-        BatchNormReLU2d.fuse(module.get_submodule(site.batch_norm.target),
-                             BATCH_NORM_RELU if site.add is None else BATCH_NORM_ADD_RELU)
+        kind = BatchNormReLU2d if site.activation == "relu" else BatchNormAct2d
+        kind.fuse(module.get_submodule(site.batch_norm.target), site.activation, site.negative_slope,
+                  with_residual=site.add is not None)
     source = _rewrite_forward(module, graph, sites)
     module.__class__ = fused_class(type(module))
     module.set_forward_source(source)
+
+
+def _convert_timm_batch_norm_act(name: str, module: nn.Module, not_analysed: list) -> None:
+    """timm's BatchNormAct2d becomes fusedres's in place (same state_dict, its act and drop kept), when its drop
+    is an identity and its activation one fusedres fuses."""
+    described = describe_activation(module._modules.get("act"))
+    if not isinstance(module._modules.get("drop"), nn.Identity) or described is None or _hooked(module):
+        why = ("its activation " + type(module._modules.get("act")).__name__ + " is not one fusedres fuses"
+               if described is None else "a drop layer or a hook sits inside it")
+        not_analysed.append((name, f"{name} (BatchNormAct2d): left unfused: {why}"))
+        return
+    (BatchNormReLU2d if described[0] == "relu" else BatchNormAct2d).fuse(module, *described)
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -241,7 +307,8 @@ def _is_candidate(module: nn.Module) -> bool:
 
 
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Run every batch-norm + ReLU and batch-norm + add + ReLU site of ``model`` on fusedres's fused ops.
+    """Run every batch-norm + activation and batch-norm + add (+ activation) site of ``model`` on fusedres's fused
+    ops.
 
     ``inplace=False`` converts a deep copy and leaves ``model`` untouched; ``inplace=True`` converts ``model``
     itself, keeping its Parameter and buffer objects. Mode, device, dtype, memory format, ``requires_grad`` and
@@ -260,6 +327,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         fused_seed_class = FUSED_SEED_CLASSES.get(type(module))
         if fused_seed_class is not None:
             fused_seed_class.fuse(module)
+        elif (type(module).__module__, type(module).__name__) == _TIMM_BATCH_NORM_ACT:
+            _convert_timm_batch_norm_act(name, module, not_analysed)
         elif _is_candidate(module):
             _convert_module(name, module, holders, not_analysed)
     order = {name: index for index, (name, _) in enumerate(modules)}
@@ -280,21 +349,23 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             module.__dict__.pop("_fusedres_forward_source", None)
             module.__dict__.pop("_fusedres_forward", None)
             module.__class__ = unfused
-        if isinstance(module, BatchNormReLU2d) and "fused_pattern" in module.__dict__:
-            BatchNormReLU2d.unfuse(module)
+        if isinstance(module, BatchNormAct2d) and "_fusedres_original_class" in module.__dict__:
+            BatchNormAct2d.unfuse(module)
         for child_name, child in list(module._modules.items()):
-            if isinstance(child, ReLUFusedAway):
-                module._modules[child_name] = child.__dict__["relu"]
+            if isinstance(child, ActivationFusedAway):
+                module._modules[child_name] = child.__dict__["activation_module"]
     model.__dict__.pop("_fusedres_not_analysed", None)
     return model
 
 
 def conversion_report(model: nn.Module) -> dict[str, list[str]]:
-    """Pattern -> qualified names of the fused sites (their batch-norm modules), and ``"not_analysed"`` -> what
-    ``convert`` had to leave, and why."""
-    report: dict[str, list[str]] = {BATCH_NORM_RELU: [], BATCH_NORM_ADD_RELU: []}
+    """Pattern -> qualified names of the fused sites (their batch-norm modules): ``batch_norm_relu``,
+    ``batch_norm_add_relu``, and for every other activation (the identity included) ``batch_norm_act`` and
+    ``batch_norm_add_act``; ``"not_analysed"`` -> what ``convert`` had to leave, and why."""
+    report: dict[str, list[str]] = {BATCH_NORM_RELU: [], BATCH_NORM_ADD_RELU: [], BATCH_NORM_ACT: [],
+                                    BATCH_NORM_ADD_ACT: []}
     for name, module in model.named_modules():
-        if isinstance(module, BatchNormReLU2d):
+        if isinstance(module, BatchNormAct2d):
             report.setdefault(module.fused_pattern, []).append(name)
     report[NOT_ANALYSED] = list(model.__dict__.get("_fusedres_not_analysed", []))
     return report

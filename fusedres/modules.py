@@ -1,69 +1,191 @@
-"""Modules: ``BatchNormReLU2d`` (an ``nn.BatchNorm2d`` that applies ReLU, after an optional residual add) and
-``AddReLU``, plus the pieces conversion leaves in a model: ``ReLUFusedAway``, standing where a ReLU module was
-fused into the batch-norm before it, and ``fused_site``, through which rewritten forwards call their fused
-batch-norms. Both stay exact if a tool later swaps the fused batch-norm for another module (SyncBatchNorm,
-a frozen batch-norm): they then run batch-norm, add and ReLU unfused, and warn once."""
+"""Modules: ``BatchNormAct2d`` (an ``nn.BatchNorm2d`` that applies an activation, after an optional residual add;
+timm's ``BatchNormAct2d`` signature and state_dict), ``BatchNormReLU2d`` (the same with ReLU) and ``AddReLU``, plus
+the pieces conversion leaves in a model: ``ActivationFusedAway``, standing where an activation module was fused
+into the batch-norm before it, and ``fused_site``, through which rewritten forwards call their fused batch-norms.
+Both stay exact if a tool later swaps the fused batch-norm for another module (SyncBatchNorm, a frozen
+batch-norm): they then run batch-norm, add and activation unfused, and warn once."""
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from . import functional as FF
+from .ops import EAGER_ACTIVATIONS
 
-__all__ = ["BatchNormReLU2d", "AddReLU", "ReLUFusedAway", "fused_site", "fuse_relu_module"]
+__all__ = ["BatchNormAct2d", "BatchNormReLU2d", "AddReLU", "ActivationFusedAway", "fused_site",
+           "fuse_activation_module", "describe_activation"]
 
+# The patterns a fused site serves (conversion_report's keys): the ReLU ones, and every other activation
+# (the identity included: a batch-norm followed by the residual add alone).
 BATCH_NORM_RELU = "batch_norm_relu"
 BATCH_NORM_ADD_RELU = "batch_norm_add_relu"
+BATCH_NORM_ACT = "batch_norm_act"
+BATCH_NORM_ADD_ACT = "batch_norm_add_act"
 
 
-class BatchNormReLU2d(nn.BatchNorm2d):
-    """``relu(batch_norm(input) [+ residual])`` through fusedres's fused kernels.
+def site_pattern(activation: str, with_residual: bool) -> str:
+    if activation == "relu":
+        return BATCH_NORM_ADD_RELU if with_residual else BATCH_NORM_RELU
+    return BATCH_NORM_ADD_ACT if with_residual else BATCH_NORM_ACT
 
-    Same constructor, state_dict and bookkeeping as ``nn.BatchNorm2d`` (``num_batches_tracked``, ``momentum=None``
-    as a cumulative average computed on the device, ``track_running_stats=False``, ``affine=False``, checkpoints
-    without ``num_batches_tracked``); only the arithmetic differs: the ReLU, and the residual add, are fused in.
-    """
 
-    #: which fused pattern this module serves ("batch_norm_relu" or "batch_norm_add_relu"); set by conversion
-    fused_pattern = BATCH_NORM_RELU
+# Names an activation goes by: fusedres's, and timm's (timm.layers.create_act).
+_NAMES = {**{name: name for name in FF.ACTIVATIONS}, "swish": "silu", "hard_swish": "hardswish",
+          "hardswish": "hardswish", "gelu_tanh": "gelu_tanh", "": "identity", "none": "identity"}
+# Module classes by (module, name): torch's, and timm's own (their forwards compute the same expressions).
+_TIMM = ("timm.layers.activations", "timm.layers.activations_me")
+_CLASSES = {
+    **{("torch.nn.modules.linear", "Identity"): "identity"},
+    **{("torch.nn.modules.activation", name): activation for name, activation in (
+        ("ReLU", "relu"), ("ReLU6", "relu6"), ("LeakyReLU", "leaky_relu"), ("SiLU", "silu"), ("GELU", "gelu"),
+        ("Hardswish", "hardswish"), ("Mish", "mish"))},
+    **{(module, name): activation for module in _TIMM for name, activation in (
+        ("Swish", "silu"), ("SwishMe", "silu"), ("Mish", "mish"), ("MishMe", "mish"), ("HardSwish", "hardswish"),
+        ("HardSwishMe", "hardswish"), ("GELU", "gelu"), ("GELUTanh", "gelu_tanh"))},
+}
+
+
+def describe_activation(act: Any) -> tuple[str, float] | None:
+    """``(activation, negative_slope)`` for an activation given as a name (fusedres's or timm's), an ``nn.Module``
+    class or instance (torch's or timm's), or None (the identity); None if fusedres does not fuse it."""
+    if act is None:
+        return "identity", 0.01
+    if isinstance(act, str):
+        name = _NAMES.get(act.lower())
+        return None if name is None else (name, 0.01)
+    kind = act if isinstance(act, type) else type(act)
+    name = _CLASSES.get((kind.__module__, kind.__name__))
+    if name is None:
+        return None
+    slope = float(getattr(act, "negative_slope", 0.01)) if not isinstance(act, type) else 0.01
+    if name == "gelu" and getattr(act, "approximate", "none") == "tanh":
+        name = "gelu_tanh"
+    return name, slope
+
+
+def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_act: bool) -> nn.Module:
+    """The activation module timm's BatchNormAct2d would hold (``act``), from a class, a name or a module."""
+    if not apply_act or act_layer is None:
+        return nn.Identity()
+    if isinstance(act_layer, nn.Module):
+        return act_layer
+    if isinstance(act_layer, str):
+        described = describe_activation(act_layer)
+        if described is None:
+            raise ValueError(f"BatchNormAct2d: unsupported activation {act_layer!r}; supported: "
+                             f"{', '.join(FF.ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
+        return _ACTIVATION_MODULES[described[0]](**(act_kwargs or {}))
+    kwargs = {"inplace": inplace, **(act_kwargs or {})}  # as timm passes it; meaningless once fused
+    try:
+        return act_layer(**kwargs)
+    except TypeError:  # an activation without an inplace argument
+        kwargs.pop("inplace")
+        return act_layer(**kwargs)
+
+
+_ACTIVATION_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
+                       "silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+                       "hardswish": nn.Hardswish, "mish": nn.Mish}
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """``act(batch_norm(input) [+ residual])`` through fusedres's fused kernels, ``act`` one of
+    ``fusedres.functional.ACTIVATIONS``.
+
+    timm's ``BatchNormAct2d`` signature and state_dict, and ``nn.BatchNorm2d``'s bookkeeping
+    (``num_batches_tracked``, ``momentum=None`` as a cumulative average computed on the device,
+    ``track_running_stats=False``, ``affine=False``, checkpoints without ``num_batches_tracked``). ``act_layer``:
+    the activation's ``nn.Module`` class (torch's or timm's), an instance, or its name (fusedres's or timm's);
+    ``apply_act=False``: the identity. A ``drop_layer`` sits between the batch-norm and the activation, where no
+    kernel can fuse it: such a module runs the activation unfused, and says so when built."""
+
+    #: which fused pattern this module serves; set by conversion
+    fused_pattern = BATCH_NORM_ACT
+    # Class-level defaults: conversion turns plain batch-norms into this class in place, without __init__.
+    activation = "relu"
+    negative_slope = 0.01
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, apply_act: bool = True, act_layer=nn.ReLU,
+                 act_kwargs: dict | None = None, inplace: bool = True, drop_layer=None, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _activation_module(act_layer, act_kwargs, inplace, apply_act)
+        described = describe_activation(self.act)
+        if described is None:
+            raise ValueError(f"BatchNormAct2d: unsupported activation {type(self.act).__name__}; supported: "
+                             f"{', '.join(FF.ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
+        self.activation, self.negative_slope = described
+        self.fused_pattern = site_pattern(self.activation, False)
+        if drop_layer is not None:
+            warnings.warn(f"BatchNormAct2d: a drop_layer ({type(self.drop).__name__}) between the batch-norm and "
+                          f"the activation cannot be fused; this module runs the activation unfused", stacklevel=2)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
+        name = type(self).__name__
+        drop = self._modules.get("drop")
+        unfused_activation = drop is not None and not isinstance(drop, nn.Identity)
+        if unfused_activation and residual is not None:
+            raise ValueError(f"{name}: a module with a drop_layer takes no residual (the residual would have to be "
+                             f"added after the drop layer, which this module does not do)")
+        activation = "identity" if unfused_activation else self.activation
         momentum = 0.0 if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
-        name = type(self).__name__
         # Checked before num_batches_tracked moves: a call that raises leaves the module as it was.
         FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                 use_batch_stats, momentum, self.eps)
+                                 use_batch_stats, momentum, self.eps, activation, self.negative_slope)
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked, on the device
                 num_batches_tracked = self.num_batches_tracked
-        return FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                  use_batch_stats, momentum, self.eps, num_batches_tracked=num_batches_tracked)
+        out = FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
+                                 use_batch_stats, momentum, self.eps, activation, self.negative_slope,
+                                 num_batches_tracked=num_batches_tracked)
+        return self.act(drop(out)) if unfused_activation else out
 
     @classmethod
-    def fuse(cls, batch_norm: nn.BatchNorm2d, pattern: str = BATCH_NORM_RELU) -> "BatchNormReLU2d":
-        """Turn an ``nn.BatchNorm2d`` into a BatchNormReLU2d in place: the same object, Parameters and buffers."""
-        if type(batch_norm) is not nn.BatchNorm2d and type(batch_norm) is not cls:
-            raise TypeError(f"BatchNormReLU2d.fuse: expected an nn.BatchNorm2d, got {type(batch_norm).__name__}")
+    def fuse(cls, batch_norm: nn.BatchNorm2d, activation: str = "relu", negative_slope: float = 0.01,
+             with_residual: bool = False) -> "BatchNormAct2d":
+        """Turn an ``nn.BatchNorm2d`` (or timm's BatchNormAct2d) into this class in place: the same object,
+        Parameters and buffers; ``revert`` gives back its original class."""
+        original = batch_norm.__dict__.get("_fusedres_original_class", type(batch_norm))
+        if not issubclass(type(batch_norm), nn.BatchNorm2d):
+            raise TypeError(f"{cls.__name__}.fuse: expected an nn.BatchNorm2d, got {type(batch_norm).__name__}")
         batch_norm.__class__ = cls
-        batch_norm.fused_pattern = pattern
+        batch_norm.__dict__.update(_fusedres_original_class=original, activation=activation,
+                                   negative_slope=float(negative_slope),
+                                   fused_pattern=site_pattern(activation, with_residual))
         return batch_norm
 
     @staticmethod
-    def unfuse(module: "BatchNormReLU2d") -> nn.BatchNorm2d:
-        """Back to a plain ``nn.BatchNorm2d`` in place (the same object, Parameters and buffers)."""
-        module.__dict__.pop("fused_pattern", None)
-        module.__class__ = nn.BatchNorm2d
+    def unfuse(module: "BatchNormAct2d") -> nn.BatchNorm2d:
+        """Back to the class it had before ``fuse`` (the same object, Parameters and buffers)."""
+        original = module.__dict__.pop("_fusedres_original_class", nn.BatchNorm2d)
+        for attribute in ("activation", "negative_slope", "fused_pattern"):
+            module.__dict__.pop(attribute, None)
+        module.__class__ = original
         return module
+
+
+class BatchNormReLU2d(BatchNormAct2d):
+    """``relu(batch_norm(input) [+ residual])``: ``BatchNormAct2d`` with ReLU, with ``nn.BatchNorm2d``'s
+    constructor, state_dict and repr (no ``act`` or ``drop`` submodules: it is what conversion makes of an
+    ``nn.BatchNorm2d``)."""
+
+    fused_pattern = BATCH_NORM_RELU
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        nn.BatchNorm2d.__init__(self, num_features, eps=eps, momentum=momentum, affine=affine,
+                                track_running_stats=track_running_stats, device=device, dtype=dtype)
 
 
 class AddReLU(nn.Module):
@@ -81,49 +203,54 @@ def _warn_unfused(module: nn.Module) -> None:
     if kind not in _warned:
         _warned.add(kind)
         warnings.warn(f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by convert_sync_batchnorm or "
-                      f"a batch-norm freezer); its sites now run batch-norm, add and ReLU unfused: exact, but "
+                      f"a batch-norm freezer); its sites now run batch-norm, add and activation unfused: exact, but "
                       f"without the fused kernels. Call fusedres.revert before such tools and convert after them.",
                       stacklevel=3)
 
 
-def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """A fused site of a converted forward: relu(batch_norm(input) [+ residual]), fused when ``batch_norm`` is
-    still a BatchNormReLU2d, else unfused (exact) with a warning."""
-    if isinstance(batch_norm, BatchNormReLU2d):
+def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] = None, activation: str = "relu",
+               negative_slope: float = 0.01) -> Tensor:
+    """A fused site of a converted forward: act(batch_norm(input) [+ residual]), fused when ``batch_norm`` is
+    still a BatchNormAct2d, else unfused (exact) with a warning."""
+    if isinstance(batch_norm, BatchNormAct2d):
         return batch_norm(input, residual)
     _warn_unfused(batch_norm)
     out = batch_norm(input)
-    return torch.relu(out if residual is None else out + residual)
+    return EAGER_ACTIVATIONS[activation](out if residual is None else out + residual, negative_slope)
 
 
-class ReLUFusedAway(nn.Identity):
-    """Stands where a ReLU module was whose work the batch-norm before it (``parent.<batch_norm_name>``, a
-    BatchNormReLU2d) now does. If that batch-norm is later replaced by a module that does not apply ReLU, this
-    applies it again (exact). ``fusedres.revert`` puts the ReLU module back."""
+class ActivationFusedAway(nn.Identity):
+    """Stands where an activation module was whose work the batch-norm before it (``parent.<batch_norm_name>``,
+    a BatchNormAct2d) now does. If that batch-norm is later replaced by a module that does not apply it, this
+    applies it again (exact). ``fusedres.revert`` puts the activation module back."""
 
-    def __init__(self, relu: nn.Module, parent: nn.Module, batch_norm_name: str):
+    def __init__(self, activation: nn.Module, parent: nn.Module, batch_norm_name: str):
         super().__init__()
         # Plain attributes, not submodules: no state_dict entries, no second path to the parent.
-        self.__dict__["relu"] = relu
+        self.__dict__["activation_module"] = activation
         self.__dict__["parent"] = parent
         self.__dict__["batch_norm_name"] = batch_norm_name
-        self.training = relu.training
+        self.training = activation.training
 
     def forward(self, input: Tensor) -> Tensor:
         batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])
-        if isinstance(batch_norm, BatchNormReLU2d):
+        if isinstance(batch_norm, BatchNormAct2d):
             return input
         _warn_unfused(batch_norm)
-        return self.__dict__["relu"](input)
+        return self.__dict__["activation_module"](input)
 
     def extra_repr(self) -> str:
-        return f"fused into {self.__dict__['batch_norm_name']}"
+        return f"{type(self.__dict__['activation_module']).__name__} fused into {self.__dict__['batch_norm_name']}"
 
 
-def fuse_relu_module(parent: nn.Module, batch_norm_name: str, relu_name: str) -> None:
-    """``parent.<batch_norm_name>`` (an nn.BatchNorm2d) takes over the work of ``parent.<relu_name>``: the
-    batch-norm becomes a BatchNormReLU2d in place, the ReLU module is replaced by a ReLUFusedAway. Idempotent."""
-    if isinstance(parent._modules[relu_name], ReLUFusedAway):
+def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_name: str) -> None:
+    """``parent.<batch_norm_name>`` (an nn.BatchNorm2d) takes over the work of ``parent.<activation_name>`` (a
+    module that ``describe_activation`` knows): the batch-norm becomes a BatchNormAct2d (a BatchNormReLU2d for
+    ReLU) in place, the activation module an ActivationFusedAway. Idempotent."""
+    activation_module = parent._modules[activation_name]
+    if isinstance(activation_module, ActivationFusedAway):
         return
-    BatchNormReLU2d.fuse(parent._modules[batch_norm_name], BATCH_NORM_RELU)
-    parent._modules[relu_name] = ReLUFusedAway(parent._modules[relu_name], parent, batch_norm_name)
+    activation, negative_slope = describe_activation(activation_module)
+    cls = BatchNormReLU2d if activation == "relu" else BatchNormAct2d
+    cls.fuse(parent._modules[batch_norm_name], activation, negative_slope)
+    parent._modules[activation_name] = ActivationFusedAway(activation_module, parent, batch_norm_name)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedres
-from fusedres.modules import BatchNormReLU2d, ReLUFusedAway
+from fusedres.modules import ActivationFusedAway, BatchNormReLU2d
 from tests import seed_reference as seed
 from tests.helpers import (DEVICE, MODEL_TOLERANCE, assert_close, assert_models_match, make_input,
                            randomize_batch_norms)
@@ -172,7 +172,7 @@ def test_user_blocks_are_recognised_by_what_they_compute():
     assert report["not_analysed"][0].startswith("2 (DataDependentBlock): not traceable")
     assert report["not_analysed"][1].startswith("3.norm (TrainingSwitchBlock): left unfused")
     assert isinstance(fused[0], UserBlock) and type(fused[0]) is not UserBlock
-    assert isinstance(fused[5], ReLUFusedAway) and type(fused[4]) is BatchNormReLU2d
+    assert isinstance(fused[5], ActivationFusedAway) and type(fused[4]) is BatchNormReLU2d
     for training in (True, False):
         fused.train(training)
         model.train(training)
@@ -221,7 +221,7 @@ def test_state_dicts_round_trip_between_converted_reverted_and_plain(tmp_path):
     for model in (fused, reverted):
         assert model.state_dict().keys() == plain.state_dict().keys()
         assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
-    assert not any(isinstance(m, (BatchNormReLU2d, ReLUFusedAway)) for m in reverted.modules())
+    assert not any(isinstance(m, (BatchNormReLU2d, ActivationFusedAway)) for m in reverted.modules())
     assert type(reverted.layer1[0]) is torchvision.models.resnet.BasicBlock and type(reverted.relu) is nn.ReLU
     torch.save(fused.state_dict(), tmp_path / "fused.pt")
     fresh = torchvision.models.resnet18(num_classes=10)

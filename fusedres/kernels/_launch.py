@@ -141,6 +141,13 @@ def fp32_parts(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
+@triton.jit
+def from_fp32_parts(value, residue, ACC: tl.constexpr):
+    """The device half of ``fp32_parts``: a float argument passed as two fp32 parts (float arguments are fp32),
+    summed in the accumulator dtype, so that fp64 kernels get the full value."""
+    return tl.cast(value, ACC) + tl.cast(residue, ACC)
+
+
 def accumulator_dtype(dtype: torch.dtype):
     """fp64 inputs compute in fp64 (so gradcheck is meaningful), everything else in fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32

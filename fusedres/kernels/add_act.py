@@ -15,13 +15,13 @@ import triton.language as tl
 
 from . import _launch
 from .activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation
-from ._launch import accumulator_dtype, is_dense, launch, needs_int64
+from ._launch import accumulator_dtype, fp32_parts, from_fp32_parts, is_dense, launch, needs_int64
 
 
 @triton.jit
-def _add_act_kernel(x_ptr, residual_ptr, y_ptr, numel, slope, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr, INT64: tl.constexpr):
-    """y = act(x + residual)."""
+def _add_act_kernel(x_ptr, residual_ptr, y_ptr, numel, slope, slope_residue, ACTIVATION: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """y = act(x + residual); ``slope`` (leaky_relu's) as two fp32 parts."""
     start = tl.program_id(0)
     if INT64:
         start = start.to(tl.int64)
@@ -29,12 +29,14 @@ def _add_act_kernel(x_ptr, residual_ptr, y_ptr, numel, slope, ACTIVATION: tl.con
     mask = offs < numel
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) + tl.load(residual_ptr + offs, mask=mask,
                                                                       other=0.0).to(ACC)
-    tl.store(y_ptr + offs, apply_activation(z, slope, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+    y = apply_activation(z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _act_backward_kernel(grad_y_ptr, first_ptr, second_ptr, grad_z_ptr, numel, slope, ACTIVATION: tl.constexpr,
-                         FROM_OUTPUT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
+def _act_backward_kernel(grad_y_ptr, first_ptr, second_ptr, grad_z_ptr, numel, slope, slope_residue,
+                         ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                         INT64: tl.constexpr):
     """dz = dy * act'(z): z is ``first`` (the output y, FROM_OUTPUT: the ReLU family) or ``first + second``
     (the two summands). Computed in the accumulator dtype (the interpreter compares raw bf16 wrongly)."""
     start = tl.program_id(0)
@@ -46,8 +48,8 @@ def _act_backward_kernel(grad_y_ptr, first_ptr, second_ptr, grad_z_ptr, numel, s
     z = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
     if not FROM_OUTPUT:
         z += tl.load(second_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(grad_z_ptr + offs, activation_grad(dy, z, slope, ACTIVATION).to(grad_z_ptr.dtype.element_ty),
-             mask=mask)
+    dz = activation_grad(dy, z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
+    tl.store(grad_z_ptr + offs, dz.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_same_dense_layout(name: str, *tensors: torch.Tensor | None) -> None:
@@ -56,6 +58,11 @@ def _check_same_dense_layout(name: str, *tensors: torch.Tensor | None) -> None:
     if not is_dense(first) or any(t.stride() != first.stride() for t in tensors):
         raise ValueError(f"fusedres kernels: {name} expects tensors sharing one dense layout, got strides "
                          f"{[tuple(t.stride()) for t in tensors]}")
+
+
+def _slope_args(slope: float) -> dict:
+    slope, slope_residue = fp32_parts(slope)
+    return dict(slope=slope, slope_residue=slope_residue)
 
 
 def _check_activation(name: str) -> str:
@@ -72,7 +79,7 @@ def add_act_forward(x, residual, out, *, activation: str = "relu", slope: float 
     if x.numel() == 0:
         return
     launch(_add_act_kernel, (triton.cdiv(x.numel(), block),), dict(
-        x_ptr=x, residual_ptr=residual, y_ptr=out, numel=x.numel(), slope=slope,
+        x_ptr=x, residual_ptr=residual, y_ptr=out, numel=x.numel(), **_slope_args(slope),
         ACTIVATION=_check_activation(activation), ACC=accumulator_dtype(out.dtype), BLOCK=block,
         INT64=needs_int64(x, residual, out)), 4)
 
@@ -89,7 +96,8 @@ def act_backward(grad_y, first, second, out, *, activation: str = "relu", slope:
     if out.numel() == 0:
         return
     launch(_act_backward_kernel, (triton.cdiv(out.numel(), block),), dict(
-        grad_y_ptr=grad_y, first_ptr=first, second_ptr=second, grad_z_ptr=out, numel=out.numel(), slope=slope,
+        grad_y_ptr=grad_y, first_ptr=first, second_ptr=second, grad_z_ptr=out, numel=out.numel(),
+        **_slope_args(slope),
         ACTIVATION=activation, FROM_OUTPUT=second is None,
         ACC=accumulator_dtype(torch.promote_types(grad_y.dtype, first.dtype)), BLOCK=block,
         INT64=needs_int64(grad_y, first, second, out)), 4)

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation
-from ._launch import (ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, launch, needs_int64,
-                      plan_tiles, stride_alignment, ticket_counters)
+from ._launch import (ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, from_fp32_parts, launch,
+                      needs_int64, plan_tiles, stride_alignment, ticket_counters)
 
 # ----------------------------------------------------------------------------------------------------------
 # The walk: where a program's channels and chunks are, and how a tile is read and written.
@@ -230,22 +230,16 @@ def _merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scalar(value, residue, ACC: tl.constexpr):
-    """A float argument passed as two fp32 parts (float arguments are fp32), summed in the accumulator
-    dtype: fp64 kernels get the full value."""
-    return tl.cast(value, ACC) + tl.cast(residue, ACC)
-
-
-@triton.jit
 def _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
                     eps, eps_residue, offs_c, mask_c, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     ACC: tl.constexpr, INT64: tl.constexpr):
     """Per-channel ``scale, shift, mean, invstd`` such that ``bn(x) = x * scale + shift``.
 
-    The forward and the backward both call this, so the ReLU mask the backward recomputes is bit for bit the
-    forward's."""
+    The forward and the backward both call this, so the pre-activation the backward recomputes is bit for bit
+    the forward's."""
     mean = _load_vector(mean_ptr, mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
-    var_eps = _load_vector(var_ptr, var_stride, offs_c, mask_c, 1.0, ACC, INT64) + _scalar(eps, eps_residue, ACC)
+    var_eps = (_load_vector(var_ptr, var_stride, offs_c, mask_c, 1.0, ACC, INT64)
+               + from_fp32_parts(eps, eps_residue, ACC))
     if ACC == tl.float64:
         invstd = 1.0 / tl.sqrt(var_eps)  # IEEE for fp64; sqrt_rn exists for fp32 only
     else:
@@ -310,7 +304,7 @@ def _bn_stats_kernel(
             if CUMULATIVE:
                 factor = 1.0 / tl.load(num_batches_tracked_ptr).to(ACC)
             else:
-                factor = _scalar(momentum, momentum_residue, ACC)
+                factor = from_fp32_parts(momentum, momentum_residue, ACC)
             n = tl.cast(count, ACC)
             running_mean = _load_vector(running_mean_ptr, running_mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
             running_var = _load_vector(running_var_ptr, running_var_stride, offs_c, mask_c, 0.0, ACC, INT64)
@@ -327,7 +321,7 @@ def _bn_act_apply_kernel(
     mean_ptr, mean_stride, var_ptr, var_stride,  # the batch's statistics, or the running ones
     weight_ptr, weight_stride, bias_ptr, bias_stride,
     eps, eps_residue,                            # two fp32 parts
-    slope,
+    slope, slope_residue,                        # leaky_relu's negative slope, two fp32 parts
     channels, inner, inner_blocks, chunks, chunks_per_split,
     x_stride_outer, x_stride_inner, x_stride_channel,
     residual_stride_outer, residual_stride_inner, residual_stride_channel,
@@ -352,9 +346,9 @@ def _bn_act_apply_kernel(
             z += _load_tile(residual_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, residual_stride_outer,
                             residual_stride_inner, residual_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
                             SLAB_INNER, ALIGN, INT64)
-        _store_tile(y_ptr, apply_activation(z, slope, ACTIVATION), outer, rows, row_mask, c0, offs_c, mask_c,
-                    channels, y_stride_outer,
-                    y_stride_inner, y_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        y = apply_activation(z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
+        _store_tile(y_ptr, y, outer, rows, row_mask, c0, offs_c, mask_c, channels, y_stride_outer, y_stride_inner,
+                    y_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,7 +373,7 @@ def _bn_backward_reduce_kernel(
     grad_z_ptr,                  # out (pre's strides): dz, when WRITE_GRAD_Z
     grad_x_ptr,                  # out (x's strides): dx with frozen statistics, when WRITE_GRAD_X
     mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
-    eps, eps_residue, slope,
+    eps, eps_residue, slope, slope_residue,
     partial_ptr,                 # [2, splits, channels] scratch: each split's sum(dz) and sum(dz * xhat)
     ticket_ptr,                  # [channel_blocks] int32 counters: zero on entry, left zero
     sums_ptr,                    # [2, channels] out: sum(dz), sum(dz * xhat) (accumulator dtype)
@@ -422,7 +416,7 @@ def _bn_backward_reduce_kernel(
                 z += x * scale[None, :] + shift[None, :]
         # The derivative taken on the output y works for the ReLU family (see above); dy is 0 where rows or
         # channels do not exist, and so is dz.
-        dz = activation_grad(dy, z, slope, ACTIVATION)
+        dz = activation_grad(dy, z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
         if WRITE_GRAD_Z:
             _store_tile(grad_z_ptr, dz, outer, rows, row_mask, c0, offs_c, mask_c, channels, pre_stride_outer,
                         pre_stride_inner, pre_stride_channel, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN,
@@ -456,7 +450,7 @@ def _bn_backward_dx_kernel(
     grad_ptr,                    # dz, or dy when GRAD_IS_DY (act'(z) then recomputed from x)
     x_ptr, grad_x_ptr,
     mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
-    eps, eps_residue, slope,
+    eps, eps_residue, slope, slope_residue,
     sums_ptr,                    # [2, channels]: sum(dz), sum(dz * xhat), from the reduce pass
     count,                       # M = N * H * W
     channels, inner, inner_blocks, chunks, chunks_per_split,
@@ -485,7 +479,8 @@ def _bn_backward_dx_kernel(
                         grad_stride_inner, grad_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
                         ALIGN, INT64)
         if GRAD_IS_DY:
-            dz = activation_grad(dz, x * scale[None, :] + shift[None, :], slope, ACTIVATION)
+            dz = activation_grad(dz, x * scale[None, :] + shift[None, :], from_fp32_parts(slope, slope_residue, ACC),
+                                ACTIVATION)
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]) * scale[None, :]
         _store_tile(grad_x_ptr, dx, outer, rows, row_mask, c0, offs_c, mask_c, channels, grad_x_stride_outer,
@@ -548,6 +543,11 @@ def _eps_args(eps: float) -> dict:
     return dict(eps=eps, eps_residue=eps_residue)
 
 
+def _slope_args(slope: float) -> dict:
+    slope, slope_residue = fp32_parts(slope)
+    return dict(slope=slope, slope_residue=slope_residue)
+
+
 def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, *, activation: str = "relu",
                  slope: float = 0.0, **tiles) -> None:
     """out = act(batch_norm(x; mean, var, weight, bias) [+ residual])."""
@@ -556,7 +556,7 @@ def bn_act_apply(x, residual, mean, var, weight, bias, eps: float, out, *, activ
     geometry, plan = _plan(x, **tiles)
     launch(_bn_act_apply_kernel, plan.grid, dict(
         x_ptr=x, residual_ptr=residual, y_ptr=out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
-        **_eps_args(eps), slope=slope, **_walk_args(geometry, plan, dict(x=x, residual=residual, y=out)),
+        **_eps_args(eps), **_slope_args(slope), **_walk_args(geometry, plan, dict(x=x, residual=residual, y=out)),
         ACTIVATION=_activation(activation), HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         # An fp64 residual makes an fp64 output: keep its precision, as eager's fp64 add does.
@@ -612,7 +612,7 @@ def bn_act_backward_reduce(grad_y, x, mean, var, weight, bias, eps: float, *, su
     need_sums = need_sums or grad_weight_out is not None or grad_bias_out is not None
     launch(_bn_backward_reduce_kernel, plan.grid, dict(
         grad_y_ptr=grad_y, x_ptr=x, pre_ptr=pre, grad_z_ptr=grad_z_out, grad_x_ptr=grad_x_out,
-        **_vector_args(mean=mean, var=var, weight=weight, bias=bias), **_eps_args(eps), slope=slope,
+        **_vector_args(mean=mean, var=var, weight=weight, bias=bias), **_eps_args(eps), **_slope_args(slope),
         partial_ptr=torch.empty((2, plan.splits if need_sums else 0, geometry.channels), dtype=sums_out.dtype,
                                 device=x.device),
         ticket_ptr=ticket_counters(x.device, plan.channel_blocks), sums_ptr=sums_out,
@@ -633,7 +633,7 @@ def bn_backward_dx(grad, x, mean, var, weight, bias, eps: float, sums, *, grad_i
     geometry, plan = _plan(x, **tiles)
     launch(_bn_backward_dx_kernel, plan.grid, dict(
         grad_ptr=grad, x_ptr=x, grad_x_ptr=grad_x_out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
-        **_eps_args(eps), slope=slope, sums_ptr=sums, count=geometry.outer * geometry.inner,
+        **_eps_args(eps), **_slope_args(slope), sums_ptr=sums, count=geometry.outer * geometry.inner,
         **_walk_args(geometry, plan, dict(grad=grad, x=x, grad_x=grad_x_out)),
         ACTIVATION=_activation(activation), GRAD_IS_DY=grad_is_dy, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype),
