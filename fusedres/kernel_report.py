@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .kernels import INTERPRETING, recorded_launches
+from .kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, INTERPRETING, recorded_launches
 
 EPS = 1e-5
 MODES = {"batch_norm_relu": ("inference", "train_forward", "train_backward", "eval_backward"),
@@ -49,6 +49,22 @@ EAGER_ELEMENT_BYTES = {
 # What the kernels are held to (issue: two launches per training pass, one otherwise).
 EXPECTED_LAUNCHES = {"inference": 1, "train_forward": 2, "train_backward": 2, "eval_backward": 1, "forward": 1,
                      "backward": 1}
+
+
+def floor_element_bytes(op: str, mode: str, activation: str = "relu") -> int:
+    """The floor of ``op`` (named by its ReLU pattern) in ``mode`` with ``activation``: as ReLU's, except where
+    the derivative needs the residual rather than the output (add + activation's backward reads both summands),
+    and the identity, whose residual gradient is dy itself (nothing more is read or written)."""
+    if activation == "identity" and op == "batch_norm_add_relu" and mode in ("train_backward", "eval_backward"):
+        return {"train_backward": 5, "eval_backward": 3}[mode]
+    if op == "add_relu" and mode == "backward":
+        return 0 if activation == "identity" else 3 if activation in DERIVATIVE_FROM_OUTPUT else 4
+    return FLOOR_ELEMENT_BYTES[(op, mode)]
+
+
+def expected_launches(op: str, mode: str, activation: str = "relu") -> int:
+    """Launches per op and mode: the identity's add backward launches nothing (its gradient is dy)."""
+    return 0 if (op, mode, activation) == ("add_relu", "backward", "identity") else EXPECTED_LAUNCHES[mode]
 # Spec-sheet peak DRAM bandwidths (GB/s), the roofline's denominators: vendor figures, not measurements.
 PEAK_BANDWIDTH_GBPS = {"H100 SXM": 3350.0, "H200": 4800.0}
 # The limits of the kernel report (docs/design.md): registers at 8 warps (two programs per SM), no local memory,
@@ -252,15 +268,27 @@ def site_cases(sites=RESNET50_SITES, configurations=CONFIGURATIONS, batch: int =
             for op in ops_here:
                 for mode in MODES[op]:
                     cases.append(dict(op=op, mode=mode, shape=(batch, channels, size, size), dtype=dtype,
-                                      channels_last=channels_last))
+                                      channels_last=channels_last, activation="relu"))
     return cases
+
+
+def activation_cases(site=(256, 14), configurations=CONFIGURATIONS[:2], batch: int = BATCH) -> list[dict]:
+    """Every other activation on one site, with the residual add (its backward reads the residual, or the output
+    for relu6; the identity's reads neither) and as add + activation, in the configurations given (14x14: the
+    NCHW one takes the slab walk)."""
+    channels, size = site
+    return [dict(op=op, mode=mode, shape=(batch, channels, size, size), dtype=dtype, channels_last=channels_last,
+                 activation=activation)
+            for activation in ACTIVATIONS if activation != "relu" for dtype, channels_last in configurations
+            for op in ("batch_norm_add_relu", "add_relu") for mode in MODES[op]]
 
 
 def analyse_cases(cases: list[dict], *, capability: int = 90, jobs: int = 2) -> list[dict]:
     """Per case: its launches and what the compiler made of them, as one row (see ``kernel_limits``)."""
     from .kernels.compiled import analyse_all, specialise
 
-    recorded = [record(c["op"], c["mode"], c["shape"], c["dtype"], c["channels_last"]) for c in cases]
+    recorded = [record(c["op"], c["mode"], c["shape"], c["dtype"], c["channels_last"], c.get("activation", "relu"))
+                for c in cases]
     specs = [specialise(kernel, args, warps) for launches in recorded for kernel, args, warps in launches]
     analyses = iter(analyse_all(specs, capability=capability, jobs=jobs))
     rows = []
@@ -272,19 +300,21 @@ def analyse_cases(cases: list[dict], *, capability: int = 90, jobs: int = 2) -> 
                                                        else a.load_widths)]
         loop_stores = [bits for a in found for bits in (a.loop_store_widths if a.loop_load_widths
                                                         or a.loop_store_widths else a.store_widths)]
+        activation = case.get("activation", "relu")
         rows.append(dict(
-            op=case["op"], mode=case["mode"], shape="x".join(map(str, case["shape"])),
+            op=case["op"], mode=case["mode"], activation=activation, shape="x".join(map(str, case["shape"])),
             dtype=str(case["dtype"]).split(".")[-1], layout="channels_last" if case["channels_last"] else "nchw",
             element_size=torch.empty((), dtype=case["dtype"]).element_size(),
-            launches=len(launches), kernels="+".join(a.name.strip("_").removesuffix("_kernel") for a in found),
-            num_warps=max(a.num_warps for a in found),
-            registers=max(a.registers for a in found),
-            register_warps=max(a.registers * a.num_warps for a in found),
-            local_bytes=max(a.local_memory_bytes for a in found),
-            occupancy=min(a.occupancy.fraction for a in found),
+            launches=len(launches), expected_launches=expected_launches(case["op"], case["mode"], activation),
+            kernels="+".join(a.name.strip("_").removesuffix("_kernel") for a in found),
+            num_warps=max((a.num_warps for a in found), default=None),
+            registers=max((a.registers for a in found), default=0),
+            register_warps=max((a.registers * a.num_warps for a in found), default=0),
+            local_bytes=max((a.local_memory_bytes for a in found), default=0),
+            occupancy=min((a.occupancy.fraction for a in found), default=None),
             load_bits=min(loop_loads, default=None), store_bits=min(loop_stores, default=None),
             float_atomics=sum(n for a in found for opcode, n in a.atomics.items() if ".F" in opcode),
-            floor_element_bytes=FLOOR_ELEMENT_BYTES[(case["op"], case["mode"])],
+            floor_element_bytes=floor_element_bytes(case["op"], case["mode"], activation),
             eager_element_bytes=EAGER_ELEMENT_BYTES[(case["op"], case["mode"])],
             capability=capability, source="prediction (compiled for sm_%d without a GPU)" % capability))
     return rows
@@ -295,9 +325,10 @@ def kernel_limits(row: dict) -> list[str]:
     128 registers at 8 warps (or as many register-warps at another warp count), activation accesses at least 64
     bits wide on 16-bit types (128 on wider ones), no float atomics."""
     problems = []
-    where = f"{row['op']} {row['mode']} {row['shape']} {row['dtype']} {row['layout']} ({row['kernels']})"
-    if row["launches"] != EXPECTED_LAUNCHES[row["mode"]]:
-        problems.append(f"{where}: {row['launches']} launches, expected {EXPECTED_LAUNCHES[row['mode']]}")
+    where = (f"{row['op']} {row['mode']} {row['activation']} {row['shape']} {row['dtype']} {row['layout']} "
+             f"({row['kernels']})")
+    if row["launches"] != row["expected_launches"]:
+        problems.append(f"{where}: {row['launches']} launches, expected {row['expected_launches']}")
     if row["local_bytes"]:
         problems.append(f"{where}: {row['local_bytes']} bytes of local memory per thread")
     if row["register_warps"] > MAX_REGISTERS_AT_8_WARPS * 8:
@@ -313,13 +344,14 @@ def kernel_limits(row: dict) -> list[str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("op", "mode", "shape", "dtype", "layout", "launches", "kernels", "warps", "regs", "occupancy",
-              "local B", "load bits", "store bits")
+    header = ("op", "mode", "activation", "shape", "dtype", "layout", "launches", "kernels", "warps", "regs",
+              "occupancy", "local B", "load bits", "store bits")
     lines = [" | ".join(header)]
     for r in rows:
+        occupancy = "-" if r["occupancy"] is None else f"{r['occupancy']:.0%}"
         lines.append(" | ".join(str(v) for v in (
-            r["op"], r["mode"], r["shape"], r["dtype"], r["layout"], r["launches"], r["kernels"], r["num_warps"],
-            r["registers"], f"{r['occupancy']:.0%}", r["local_bytes"], r["load_bits"], r["store_bits"])))
+            r["op"], r["mode"], r["activation"], r["shape"], r["dtype"], r["layout"], r["launches"], r["kernels"],
+            r["num_warps"], r["registers"], occupancy, r["local_bytes"], r["load_bits"], r["store_bits"])))
     return "\n".join(lines)
 
 
@@ -340,7 +372,7 @@ def main(argv=None) -> int:
         sys.exit("fusedres.kernel_report: compiles for the GPU; run it without TRITON_INTERPRET=1")
     sites = [RESNET50_SITES[i] for i in (1, 6, 7, 11)] if options.quick else RESNET50_SITES
     started = time.time()
-    rows = analyse_cases(site_cases(sites), jobs=options.jobs)
+    rows = analyse_cases(site_cases(sites) + activation_cases(), jobs=options.jobs)
     print(format_table(rows))
     problems = [p for row in rows for p in kernel_limits(row)]
     for problem in problems:

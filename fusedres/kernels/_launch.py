@@ -54,10 +54,10 @@ class LaunchConstants:
 
 # GPU: about four programs per SM of an H100 (132 SMs) at 8 warps; at most 128 partial rows, so the serial merge
 # reads 128 x 32 x 12 bytes at most (a few hundred nanoseconds from L2). Interpreter: every program costs about a
-# millisecond, so as few as possible.
+# millisecond, so as few as possible: wide channels_last tiles (512 fp64 channels) and few splits.
 GPU_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=512, max_splits=128, row_bytes=64,
                                 merge_block_splits=64, flat_block=2048, slab_max_inner=1024)
-INTERPRETER_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=4, max_splits=4, row_bytes=64,
+INTERPRETER_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=4, max_splits=4, row_bytes=4096,
                                         merge_block_splits=64, flat_block=1024, slab_max_inner=1024)
 CONSTANTS = INTERPRETER_CONSTANTS if INTERPRETING else GPU_CONSTANTS
 
