@@ -115,3 +115,17 @@ def test_kernels_suite_quick_cpu_run(tmp_path):
         assert row["shape"].startswith("128x") and row["counted_on"] != row["shape"]
         assert row["predicted_ms_h200"] == pytest.approx(row["counted_element_bytes"] * numel * 4 / 4800e9 * 1e3)
         assert row["predicted_ms_h100"] > row["predicted_ms_h200"]
+
+
+def test_ops_suite_takes_another_activation(tmp_path):
+    assert cli.main(["--quick", "--suite", "ops", "--ops", "batch_norm_add_relu,add_relu", "--modes",
+                     "inference,backward", "--dtype", "fp32", "--layout", "nchw", "--activation", "silu",
+                     "--providers", "eager,fusedres", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {row["op"] for row in rows} == {"batch_norm_add_silu", "add_silu"}
+    for row in rows:
+        if row["provider"] == "fusedres":
+            assert 0 <= row["max_abs_error"] < 1e-3, row
+    backward = next(r for r in rows if r["op"] == "add_silu" and r["mode"] == "backward")
+    shape = tuple(int(s) for s in backward["shape"].split("x"))
+    assert backward["floor_bytes"] == 4 * 4 * torch.Size(shape).numel()  # both summands read: 4e

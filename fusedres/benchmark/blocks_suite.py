@@ -20,10 +20,12 @@ def _seed(name, *args):
 
 
 def _torchvision(name, *args):
+    """A torchvision block (torchvision.models.resnet's) or model (torchvision.models')."""
     def make():
+        import torchvision.models
         from torchvision.models import resnet
 
-        return getattr(resnet, name)(*args)
+        return getattr(resnet, name, None)(*args) if hasattr(resnet, name) else getattr(torchvision.models, name)()
     return make
 
 
@@ -37,7 +39,9 @@ BLOCKS = [
     ("torchvision.Bottleneck", lambda c: _torchvision("Bottleneck", c, c // 4)(), 256, 56),
 ]
 QUICK_BLOCKS = ("seed.BasicBlock", "torchvision.Bottleneck")
-MODELS = [("resnet18", _torchvision("resnet18")), ("resnet50", _torchvision("resnet50"))]
+# torchvision's models: the ResNets, and the CNNs with other activations (ReLU6 and the linear bottleneck; SiLU).
+MODELS = [("resnet18", _torchvision("resnet18")), ("resnet50", _torchvision("resnet50")),
+          ("mobilenet_v2", _torchvision("mobilenet_v2")), ("efficientnet_b0", _torchvision("efficientnet_b0"))]
 GPU_IMAGE_SIZE, CPU_IMAGE_SIZE = 224, 32
 
 

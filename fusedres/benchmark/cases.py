@@ -29,30 +29,51 @@ FLOOR_ELEMENT_BYTES = {
 }
 
 
-def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+# The eager activation functions a user writes (the baseline's); --activation picks one (default relu).
+EAGER_ACTIVATIONS = {"identity": lambda z: z, "relu": torch.relu, "relu6": F.relu6,
+                     "leaky_relu": lambda z: F.leaky_relu(z, 0.01), "silu": F.silu, "gelu": F.gelu,
+                     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish, "mish": F.mish}
+
+
+def op_label(op: str, activation: str) -> str:
+    """The op's name in the results: batch_norm_relu, or batch_norm_silu, add_mish... for another activation."""
+    return op if activation == "relu" else op.replace("relu", activation)
+
+
+def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, activation: str = "relu") -> int:
+    """FLOOR_ELEMENT_BYTES, except where another activation moves otherwise (docs/design.md): add + activation's
+    backward reads both summands (4e) unless the derivative comes from the output (ReLU, ReLU6), and the identity's
+    residual gradient is dy itself."""
     numel = 1
     for size in shape:
         numel *= size
-    return FLOOR_ELEMENT_BYTES[(op, mode)] * numel * torch.empty((), dtype=dtype).element_size()
+    per_element = FLOOR_ELEMENT_BYTES[(op, mode)]
+    backward = {"backward": 0, "forward_backward": FLOOR_ELEMENT_BYTES[(op, "train_forward")]}.get(mode)
+    if backward is not None and activation == "identity" and op != "batch_norm_relu":
+        per_element = backward + (5 if op == "batch_norm_add_relu" else 0)
+    elif backward is not None and op == "add_relu" and activation not in ("relu", "relu6"):
+        per_element = backward + 4
+    return per_element * numel * torch.empty((), dtype=dtype).element_size()
 
 
-def eager_op(op: str, training: bool) -> Callable:
+def eager_op(op: str, training: bool, activation: str = "relu") -> Callable:
     """The eager PyTorch composition a user writes today (the baseline, and what torch.compile compiles)."""
+    act = EAGER_ACTIVATIONS[activation]
     if op == "add_relu":
-        return lambda x, r, rm, rv, w, b: torch.relu(x + r)
+        return lambda x, r, rm, rv, w, b: act(x + r)
     if op == "batch_norm_relu":
-        return lambda x, r, rm, rv, w, b: torch.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5))
-    return lambda x, r, rm, rv, w, b: torch.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
+        return lambda x, r, rm, rv, w, b: act(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5))
+    return lambda x, r, rm, rv, w, b: act(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
 
 
-def fused_op(op: str, training: bool) -> Callable:
+def fused_op(op: str, training: bool, activation: str = "relu") -> Callable:
     import fusedres.functional as FF  # imported late: the CLI decides on Triton's interpreter first
 
     if op == "add_relu":
-        return lambda x, r, rm, rv, w, b: FF.add_relu(x, r)
-    if op == "batch_norm_relu":
-        return lambda x, r, rm, rv, w, b: FF.batch_norm_relu(x, rm, rv, w, b, training)
-    return lambda x, r, rm, rv, w, b: FF.batch_norm_add_relu(x, r, rm, rv, w, b, training)
+        return lambda x, r, rm, rv, w, b: FF.add_act(x, r, activation=activation)
+    residual = op == "batch_norm_add_relu"
+    return lambda x, r, rm, rv, w, b: FF.batch_norm_act(x, rm, rv, w, b, training, residual=r if residual else None,
+                                                        activation=activation)
 
 
 @dataclass

@@ -19,6 +19,8 @@ import sys
 import time
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# fusedres.functional.ACTIVATIONS, written out: the options are parsed before triton may be imported.
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish", "mish")
 PROVIDERS = ("eager", "compile", "fusedres")
 SUITES = ("ops", "blocks", "models", "numerics", "kernels")
 
@@ -35,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ops", default="batch_norm_relu,batch_norm_add_relu,add_relu")
     parser.add_argument("--modes", default="inference,train_forward,backward,forward_backward",
                         help="modes of the ops suite")
+    parser.add_argument("--activation", default="relu", help="the ops suite's activation in ReLU's place: "
+                                                             + ", ".join(ACTIVATIONS))
     parser.add_argument("--numerics-steps", type=int, default=None, help="default: 100 on a GPU, 4 on a CPU")
     parser.add_argument("--numerics-batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on a CPU")
     parser.add_argument("--quick", action="store_true", help="a few shapes and blocks, short timings")
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
                                                                                          DTYPES)],
                         layouts=_choose("layout", options.layout, ("channels_last", "nchw")), providers=providers,
                         batch_size=options.batch_size or (128 if on_gpu else 2), quick=options.quick,
-                        warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+                        warmup_ms=options.warmup_ms, rep_ms=options.rep_ms,
+                        activation=_choose("activation", options.activation, ACTIVATIONS)[0])
     env = environment.collect(device)
     out = options.out or pathlib.Path("fusedres-bench-results") / (
         re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-") + "-" + datetime.date.today().isoformat())

@@ -1,10 +1,12 @@
 """The ops suite: batch-norm + ReLU, batch-norm + add + ReLU and add + ReLU in every mode, on ResNet-50's
-batch-norm shapes, for each provider, interleaved case by case."""
+batch-norm shapes, for each provider, interleaved case by case; ``--activation`` puts another activation in
+ReLU's place (the rows then name it: batch_norm_silu, batch_norm_add_silu, add_silu)."""
 from __future__ import annotations
 
 import torch
 
-from .cases import MODES, OPS, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable
+from .cases import (MODES, OPS, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable,
+                    op_label)
 from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
                      progress)
 
@@ -28,8 +30,9 @@ def run_ops(settings: Settings, ops=OPS, modes=MODES) -> list[dict]:
     bar = progress(len(cases), "ops")
     rows = []
     for op, shape, dtype, layout, mode in cases:
-        base = dict(level="op", op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name(dtype),
-                    layout=layout, floor_bytes=floor_bytes(op, mode, shape, dtype))
+        base = dict(level="op", op=op_label(op, settings.activation), mode=mode, shape="x".join(map(str, shape)),
+                    dtype=dtype_name(dtype),
+                    layout=layout, floor_bytes=floor_bytes(op, mode, shape, dtype, settings.activation))
         spec = (op, mode, shape, dtype, layout == "channels_last")
         rows += _gpu_rows(base, spec, settings) if settings.on_gpu else _cpu_rows(base, spec, settings)
         bar.update(1)
@@ -48,9 +51,9 @@ def _gpu_rows(base, spec, settings: Settings) -> list[dict]:
     rows = []
     for provider in settings.providers:
         if provider == "fusedres":
-            fn = fused_op(op, training)
+            fn = fused_op(op, training, settings.activation)
         else:
-            fn = eager_op(op, training)
+            fn = eager_op(op, training, settings.activation)
             fn = fresh_compile(fn) if provider == "compile" else fn
         make = lambda seed, fn=fn: mode_callable(fn, mode, _inputs(spec, settings.device, seed))  # noqa: E731
         input_bytes = torch.empty((), dtype=dtype).element_size() * torch.Size(shape).numel()
@@ -65,14 +68,16 @@ def _cpu_rows(base, spec, settings: Settings) -> list[dict]:
     op, mode, *_ = spec
     training = mode != "inference"
     cpu = settings.device
-    reference = mode_callable(eager_op(op, training), mode, _inputs(spec, cpu).float64_copy())()
+    eager = eager_op(op, training, settings.activation)
+    reference = mode_callable(eager, mode, _inputs(spec, cpu).float64_copy())()
     rows = []
     if "eager" in settings.providers:
-        error = max_error(mode_callable(eager_op(op, training), mode, _inputs(spec, cpu))(), reference)
+        error = max_error(mode_callable(eager, mode, _inputs(spec, cpu))(), reference)
         rows.append(measure_cpu(dict(base, provider="eager", max_abs_error=error),
-                                mode_callable(eager_op(op, training), mode, _inputs(spec, cpu)), settings))
+                                mode_callable(eager, mode, _inputs(spec, cpu)), settings))
     if "fusedres" in settings.providers:
-        error = max_error(mode_callable(fused_op(op, training), mode, _inputs(spec, cpu))(), reference)
+        error = max_error(mode_callable(fused_op(op, training, settings.activation), mode, _inputs(spec, cpu))(),
+                          reference)
         rows.append(dict(base, provider="fusedres", max_abs_error=error, timer="interpreter (not timed)",
                          note=INTERPRETER_NOTE))
     return rows

@@ -21,6 +21,7 @@ class Settings:
     quick: bool
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
+    activation: str = "relu"  # the ops suite's activation
 
     @property
     def on_gpu(self) -> bool:
