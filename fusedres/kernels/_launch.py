@@ -41,6 +41,7 @@ class LaunchConstants:
     """Every tuning constant of the kernels, in one place."""
 
     tile_elements: int       # elements of one batch-norm tile (the unit of work of a loop trip)
+    busy_tile_elements: int  # the tile of a kernel holding four activation tiles at once (eval backward, residual)
     target_programs: int     # programs a batch-norm launch aims for (channel blocks x splits)
     max_splits: int          # at most this many partial rows per channel block: its last program merges them alone
     row_bytes: int           # channels_last: bytes of one row of a tile (channels per tile = row_bytes / itemsize)
@@ -49,16 +50,16 @@ class LaunchConstants:
     slab_max_inner: int      # NCHW: largest H*W read as slabs (a slab's channel block must fill a tile)
 
     def num_warps(self, tile_elements: int) -> int:
-        return 8 if tile_elements >= 4096 else 4
+        return 8 if tile_elements >= 2048 else 4
 
 
 # GPU: about four programs per SM of an H100 (132 SMs) at 8 warps; at most 128 partial rows, so the serial merge
 # reads 128 x 32 x 12 bytes at most (a few hundred nanoseconds from L2). Interpreter: every program costs about a
 # millisecond, so as few as possible: wide channels_last tiles (512 fp64 channels) and few splits.
-GPU_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=512, max_splits=128, row_bytes=64,
-                                merge_block_splits=64, flat_block=2048, slab_max_inner=1024)
-INTERPRETER_CONSTANTS = LaunchConstants(tile_elements=4096, target_programs=4, max_splits=4, row_bytes=4096,
-                                        merge_block_splits=64, flat_block=1024, slab_max_inner=1024)
+GPU_CONSTANTS = LaunchConstants(tile_elements=4096, busy_tile_elements=2048, target_programs=512, max_splits=128,
+                                row_bytes=64, merge_block_splits=64, flat_block=2048, slab_max_inner=1024)
+INTERPRETER_CONSTANTS = LaunchConstants(tile_elements=4096, busy_tile_elements=4096, target_programs=4, max_splits=4,
+                                        row_bytes=4096, merge_block_splits=64, flat_block=1024, slab_max_inner=1024)
 CONSTANTS = INTERPRETER_CONSTANTS if INTERPRETING else GPU_CONSTANTS
 
 
@@ -265,13 +266,15 @@ class TilePlan:
 
 def plan_tiles(geometry: ChannelGeometry, itemsize: int, *, block_rows: int | None = None,
                block_channels: int | None = None, target_programs: int | None = None,
-               slab: bool | None = None) -> TilePlan:
+               slab: bool | None = None, tile_elements: int | None = None) -> TilePlan:
     """Choose the walk, the tiles and the split from the shape alone (deterministic). Explicit values are for
-    tests that exercise masks, tails, merges of many splits, and both walks on the same shape."""
+    tests that exercise masks, tails, merges of many splits, and both walks on the same shape, and for kernels
+    that need a smaller tile (``tile_elements``) to stay within their registers."""
     if geometry.outer * geometry.inner * geometry.channels == 0:
         raise ValueError(f"fusedres kernels: nothing to launch over an empty tensor ({geometry}); the op layer "
                          f"handles empty inputs without kernels")
     k = CONSTANTS
+    tile = tile_elements or k.tile_elements
     c_pow2 = triton.next_power_of_2(geometry.channels)
     i_pow2 = triton.next_power_of_2(geometry.inner)
     if slab and geometry.channels_last:
@@ -282,15 +285,15 @@ def plan_tiles(geometry: ChannelGeometry, itemsize: int, *, block_rows: int | No
     if slab:
         block_rows = i_pow2
         if block_channels is None:
-            block_channels = min(c_pow2, max(1, k.tile_elements // block_rows))
+            block_channels = min(c_pow2, max(1, tile // block_rows))
     else:
         if block_channels is None:
             if geometry.channels_last:  # a row of channels is the coalesced direction
                 block_channels = min(c_pow2, max(1, k.row_bytes // itemsize))
             else:  # NCHW: the rows of a channel are; take several channels when a channel's rows are few
-                block_channels = min(c_pow2, max(1, k.tile_elements // min(i_pow2, 1024)))
+                block_channels = min(c_pow2, max(1, tile // min(i_pow2, 1024)))
         if block_rows is None:
-            block_rows = min(i_pow2, max(1, k.tile_elements // block_channels))
+            block_rows = min(i_pow2, max(1, tile // block_channels))
     inner_blocks = triton.cdiv(geometry.inner, block_rows)
     chunks = geometry.outer * inner_blocks
     channel_blocks = triton.cdiv(geometry.channels, block_channels)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation
+from . import _launch
 from ._launch import (ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, from_fp32_parts, launch,
                       needs_int64, plan_tiles, stride_alignment, ticket_counters)
 
@@ -605,6 +606,10 @@ def bn_act_backward_reduce(grad_y, x, mean, var, weight, bias, eps: float, *, su
         raise ValueError(f"fusedres kernels: {activation}'s derivative cannot be read from its output")
     pre = output if output is not None else residual
     geometry, plan = _plan(x, **tiles)
+    if grad_x_out is not None and pre is not None and not plan.slab and "tile_elements" not in tiles:
+        # x, dy, the pre-activation source and dz live at once: a smaller tile keeps them in registers (the slab
+        # walk's regrouping through shared memory keeps fewer values live; ptxas spills there if the tile shrinks)
+        geometry, plan = _plan(x, tile_elements=_launch.CONSTANTS.busy_tile_elements, **tiles)
     if grad_z_out is not None and pre is not None and grad_z_out.stride() != pre.stride():
         raise ValueError("fusedres kernels: grad_z_out must have the strides of the output or residual it is read with")
     if grad_x_out is not None and grad_x_out.stride() != x.stride():

@@ -318,7 +318,8 @@ class KernelAnalysis:
     shared_bytes: int  # static (cuobjdump SHARED) plus Triton's dynamic shared memory (metadata "shared")
     load_widths: dict[int, int]  # LDG, LDGSTS, generic LD
     store_widths: dict[int, int]  # STG, generic ST
-    loop_load_widths: dict[int, int]  # those of the loads inside a loop (a backward branch's range)
+    loop_load_widths: dict[int, int]  # those of the loads inside a loop (a backward branch's range) before the
+    #                                   first atomic (after it: a last-program merge, reading partial rows)
     loop_store_widths: dict[int, int]  # likewise for the stores
     local_accesses: dict[str, int] = field(default_factory=dict)  # LDL/STL opcode -> instructions
     atomics: dict[str, int] = field(default_factory=dict)  # ATOMG/ATOM/RED/REDG opcode -> instructions
@@ -347,6 +348,10 @@ def analyse(compiled: CompiledKernel) -> KernelAnalysis:
     instructions = [(int(m["address"], 16), m["opcode"], m["operands"])
                     for m in _SASS_INSTRUCTION.finditer(_cuobjdump(cubin, "-sass"))]
     loops = _loop_ranges(instructions)
+    # A last-program merge comes after the ticket (the first atomic): its loops read partial rows, not activations.
+    atomics_at = [address for address, opcode, _ in instructions if opcode.split(".")[0] in _ATOMICS]
+    if atomics_at:
+        loops = [(first, last) for first, last in loops if first < atomics_at[0]]
     for address, opcode, _ in instructions:
         base = opcode.split(".")[0]
         in_loop = any(first <= address <= last for first, last in loops)
