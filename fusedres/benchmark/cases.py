@@ -1,5 +1,5 @@
 """What the benchmark measures: ResNet-50's batch-norm sites, the ops and modes, each provider's callable, and
-the floor bytes every provider's effective bandwidth is computed from (DESIGN.md's two-pass floors)."""
+the floor bytes every provider's effective bandwidth is computed from (docs/design.md's two-pass floors)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,17 +18,6 @@ RESNET50_SITES = [
 OPS = ("batch_norm_relu", "batch_norm_add_relu", "add_relu")
 MODES = ("inference", "train_forward", "backward", "forward_backward")
 
-# Bytes per element that the fused two-pass design must move (DESIGN.md); the same count for every provider.
-FLOOR_ELEMENT_BYTES = {
-    ("batch_norm_relu", "inference"): 2, ("batch_norm_relu", "train_forward"): 3,
-    ("batch_norm_relu", "backward"): 5, ("batch_norm_relu", "forward_backward"): 8,
-    ("batch_norm_add_relu", "inference"): 3, ("batch_norm_add_relu", "train_forward"): 4,
-    ("batch_norm_add_relu", "backward"): 7, ("batch_norm_add_relu", "forward_backward"): 11,
-    ("add_relu", "inference"): 3, ("add_relu", "train_forward"): 3,
-    ("add_relu", "backward"): 3, ("add_relu", "forward_backward"): 6,
-}
-
-
 # The eager activation functions a user writes (the baseline's); --activation picks one (default relu).
 EAGER_ACTIVATIONS = {"identity": lambda z: z, "relu": torch.relu, "relu6": F.relu6,
                      "leaky_relu": lambda z: F.leaky_relu(z, 0.01), "silu": F.silu, "gelu": F.gelu,
@@ -40,19 +29,24 @@ def op_label(op: str, activation: str) -> str:
     return op if activation == "relu" else op.replace("relu", activation)
 
 
+# The ops suite's modes in terms of the kernel report's (whose floors are docs/design.md's): "backward" is the
+# training backward, "forward_backward" both passes; add + ReLU has one forward.
+_REPORT_MODES = {"inference": ("inference",), "train_forward": ("train_forward",), "backward": ("train_backward",),
+                 "forward_backward": ("train_forward", "train_backward")}
+_ADD_REPORT_MODES = {"inference": ("forward",), "train_forward": ("forward",), "backward": ("backward",),
+                     "forward_backward": ("forward", "backward")}
+
+
 def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, activation: str = "relu") -> int:
-    """FLOOR_ELEMENT_BYTES, except where another activation moves otherwise (docs/design.md): add + activation's
-    backward reads both summands (4e) unless the derivative comes from the output (ReLU, ReLU6), and the identity's
-    residual gradient is dy itself."""
+    """The bytes the fused two-pass design must move for ``op`` in ``mode`` (the kernel report's floors), the same
+    count for every provider."""
+    from fusedres.kernel_report import floor_element_bytes  # late: the CLI decides on Triton's interpreter first
+
     numel = 1
     for size in shape:
         numel *= size
-    per_element = FLOOR_ELEMENT_BYTES[(op, mode)]
-    backward = {"backward": 0, "forward_backward": FLOOR_ELEMENT_BYTES[(op, "train_forward")]}.get(mode)
-    if backward is not None and activation == "identity" and op != "batch_norm_relu":
-        per_element = backward + (5 if op == "batch_norm_add_relu" else 0)
-    elif backward is not None and op == "add_relu" and activation not in ("relu", "relu6"):
-        per_element = backward + 4
+    modes = (_ADD_REPORT_MODES if op == "add_relu" else _REPORT_MODES)[mode]
+    per_element = sum(floor_element_bytes(op, report_mode, activation) for report_mode in modes)
     return per_element * numel * torch.empty((), dtype=dtype).element_size()
 
 

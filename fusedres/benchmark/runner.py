@@ -52,7 +52,7 @@ def progress(total: int, what: str):
 
 
 def fresh_compile(fn: Callable) -> Callable:
-    """torch.compile as DESIGN.md says: default mode, static shapes, a clean cache per case so that the
+    """torch.compile as docs/design.md says: default mode, static shapes, a clean cache per case so that the
     recompile limit never silently turns it into eager."""
     torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
