@@ -41,10 +41,10 @@ from torch import nn
 from .blocks import FUSED_SEED_CLASSES
 from .converted import ConvertedForward, fused_class
 from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU,
-                      ActivationFusedAway, BatchNormAct2d, BatchNormReLU2d, describe_activation,
-                      fuse_activation_module, fused_site)
+                      ActivationFusedAway, BatchNormAct2d, BatchNormReLU2d, SyncBatchNormAct2d, describe_activation,
+                      fuse_activation_module, fused_class_for, fused_site)
 
-__all__ = ["convert", "revert", "conversion_report"]
+__all__ = ["convert", "revert", "conversion_report", "convert_sync_batchnorm"]
 
 NOT_ANALYSED = "not_analysed"
 # Activation functions by what they compute; the default keyword values are F's.
@@ -145,10 +145,17 @@ def _module_calls(graph: fx.Graph) -> dict[str, int]:
 def _is_site_batch_norm(module: nn.Module) -> bool:
     """A plain batch-norm, or one convert made from timm's BatchNormAct2d with the identity for activation and no
     residual yet: it can take the add that follows it, and the activation after that."""
-    if type(module) is nn.BatchNorm2d:
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return True
     return (type(module) is BatchNormAct2d and "_fusedres_original_class" in module.__dict__
             and module.activation == "identity" and module.fused_pattern == BATCH_NORM_ACT)
+
+
+def _fed_by_conv2d(node: fx.Node, owner: nn.Module) -> bool:
+    """Whether the module call ``node`` takes an nn.Conv2d's output (a 4-D tensor)."""
+    source = node.args[0]
+    return (isinstance(source, fx.Node) and source.op == "call_module"
+            and isinstance(owner.get_submodule(source.target), nn.Conv2d))
 
 
 def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holders: dict) -> list[_Site]:
@@ -159,6 +166,8 @@ def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holder
         batch_norm = owner.get_submodule(node.target)
         if not _is_site_batch_norm(batch_norm) or holders[id(batch_norm)] != 1 or _hooked(batch_norm):
             continue
+        if type(batch_norm) is nn.SyncBatchNorm and not _fed_by_conv2d(node, owner):
+            continue  # it may normalize 2-D or 3-D inputs, which the fused modules do not take
         value, identities = node, []
         user = _sole_user(value)
         while user is not None and user.op == "call_module" and type(owner.get_submodule(user.target)) is nn.Identity:
@@ -167,7 +176,7 @@ def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holder
         if user is None:
             continue
         activation = _activation_of(user, owner)
-        if activation is not None and type(batch_norm) is nn.BatchNorm2d:
+        if activation is not None and type(batch_norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
             sites.append(_Site(node, user, *activation, identities=identities, act=user))
             continue
         shortcut = _add_operand(user, value)
@@ -275,23 +284,35 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
                                            f"left unfused: {reason}"))
         return
     for site in sites:
-        kind = BatchNormReLU2d if site.activation == "relu" else BatchNormAct2d
-        kind.fuse(module.get_submodule(site.batch_norm.target), site.activation, site.negative_slope,
-                  with_residual=site.add is not None)
+        batch_norm = module.get_submodule(site.batch_norm.target)
+        fused_class_for(batch_norm, site.activation).fuse(batch_norm, site.activation, site.negative_slope,
+                                                          with_residual=site.add is not None)
     source = _rewrite_forward(module, graph, sites)
     module.__class__ = fused_class(type(module))
     module.set_forward_source(source)
 
 
+def _is_timm_batch_norm_act(module: nn.Module) -> bool:
+    return (type(module).__module__, type(module).__name__) == _TIMM_BATCH_NORM_ACT
+
+
+def _timm_unfusable_reason(module: nn.Module) -> str | None:
+    """Why timm's BatchNormAct2d ``module`` cannot become fusedres's, or None: its drop must be an identity and
+    its activation one fusedres fuses."""
+    if describe_activation(module._modules.get("act")) is None:
+        return f"its activation {type(module._modules.get('act')).__name__} is not one fusedres fuses"
+    if not isinstance(module._modules.get("drop"), nn.Identity) or _hooked(module):
+        return "a drop layer or a hook sits inside it"
+    return None
+
+
 def _convert_timm_batch_norm_act(name: str, module: nn.Module, not_analysed: list) -> None:
-    """timm's BatchNormAct2d becomes fusedres's in place (same state_dict, its act and drop kept), when its drop
-    is an identity and its activation one fusedres fuses."""
-    described = describe_activation(module._modules.get("act"))
-    if not isinstance(module._modules.get("drop"), nn.Identity) or described is None or _hooked(module):
-        why = ("its activation " + type(module._modules.get("act")).__name__ + " is not one fusedres fuses"
-               if described is None else "a drop layer or a hook sits inside it")
+    """timm's BatchNormAct2d becomes fusedres's in place (same state_dict, its act and drop kept), when it can."""
+    why = _timm_unfusable_reason(module)
+    if why is not None:
         not_analysed.append((name, f"{name} (BatchNormAct2d): left unfused: {why}"))
         return
+    described = describe_activation(module._modules.get("act"))
     (BatchNormReLU2d if described[0] == "relu" else BatchNormAct2d).fuse(module, *described)
 
 
@@ -316,7 +337,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     could not be analysed. Convert before wrapping in DistributedDataParallel."""
     _refuse_wrappers("convert", model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     holders: dict[int, int] = {}
     for _, parent in model.named_modules(remove_duplicate=False):
         for child in parent.children():
@@ -327,7 +348,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         fused_seed_class = FUSED_SEED_CLASSES.get(type(module))
         if fused_seed_class is not None:
             fused_seed_class.fuse(module)
-        elif (type(module).__module__, type(module).__name__) == _TIMM_BATCH_NORM_ACT:
+        elif _is_timm_batch_norm_act(module):
             _convert_timm_batch_norm_act(name, module, not_analysed)
         elif _is_candidate(module):
             _convert_module(name, module, holders, not_analysed)
@@ -337,12 +358,19 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return model
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy that shares the synchronized batch-norms' process groups (communicators are not copied)."""
+    groups = {id(group): group for module in model.modules()
+              if (group := module.__dict__.get("process_group")) is not None}
+    return copy.deepcopy(model, memo=dict(groups))
+
+
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Undo ``convert`` (and fusedres's fused seed blocks): plain torch modules, the same state_dict, the same
     outputs. ``inplace`` as in ``convert``."""
     _refuse_wrappers("revert", model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     for module in list(model.modules()):
         unfused = getattr(type(module), "_fusedres_unfused_class", None)
         if unfused is not None:
@@ -356,6 +384,45 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 module._modules[child_name] = child.__dict__["activation_module"]
     model.__dict__.pop("_fusedres_not_analysed", None)
     return model
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """fusedres's counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``: every fused batch-norm (and timm's
+    BatchNormAct2d) becomes a ``SyncBatchNormAct2d`` in place, its activation and residual site kept; so does every
+    plain ``nn.BatchNorm2d``, with the identity for activation: synchronized as an nn.SyncBatchNorm would be, and
+    fused, and unlike an nn.SyncBatchNorm it also runs in a CPU module under DistributedDataParallel. Other
+    batch-norms (1-D, 3-D, nn.SyncBatchNorm) become nn.SyncBatchNorm as torch's converter makes them. Returns the
+    converted module (``module`` itself unless it is such a batch-norm); ``revert`` gives back the fused ones'
+    original classes. A timm BatchNormAct2d that fusedres cannot fuse is refused before anything changes (torch's
+    converter would drop its activation)."""
+    _refuse_wrappers("convert_sync_batchnorm", module)
+    for name, child in module.named_modules():
+        why = _timm_unfusable_reason(child) if _is_timm_batch_norm_act(child) else None
+        if why is not None:
+            raise TypeError(f"convert_sync_batchnorm: expected timm BatchNormAct2d modules fusedres can fuse, got "
+                            f"{name or '<model>'}, where {why}; synchronize that model with timm's "
+                            f"convert_sync_batchnorm instead")
+    return _synchronized(module, process_group)
+
+
+def _synchronized(module: nn.Module, process_group) -> nn.Module:
+    if _is_timm_batch_norm_act(module):
+        _convert_timm_batch_norm_act("", module, [])
+    if isinstance(module, BatchNormAct2d) or type(module) is nn.BatchNorm2d:
+        if not isinstance(module, SyncBatchNormAct2d):
+            fused = isinstance(module, BatchNormAct2d)
+            pattern = module.fused_pattern if fused else BATCH_NORM_ACT
+            SyncBatchNormAct2d.fuse(module, module.activation if fused else "identity",
+                                    module.negative_slope if fused else 0.01)
+            module.__dict__["fused_pattern"] = pattern
+        module.__dict__["process_group"] = process_group
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module._modules.items():
+        if child is not None:
+            module._modules[name] = _synchronized(child, process_group)
+    return module
 
 
 def conversion_report(model: nn.Module) -> dict[str, list[str]]:

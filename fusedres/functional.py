@@ -82,7 +82,7 @@ def _check_eps(fn: str, eps, training: bool) -> None:
 
 
 def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bias, training, momentum,
-                           eps) -> None:
+                           eps, values_per_channel_known: bool = True) -> None:
     _check_tensor(fn, "input", input)
     if input.dim() != 4:
         raise ValueError(f"{fn}: expected a 4-D input (N, C, H, W), got a {input.dim()}-D tensor of shape "
@@ -119,7 +119,7 @@ def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bi
     if running_mean is not None:
         _check_running_statistics(fn, running_mean, running_var, training)
     _check_eps(fn, eps, training)
-    if training:
+    if training and values_per_channel_known:  # (a synchronized batch-norm's are the whole group's)
         values_per_channel = input.numel() // channels if channels else 0
         if values_per_channel == 1:
             raise ValueError(f"{fn}: Expected more than 1 value per channel when training, got input size "
@@ -183,10 +183,12 @@ def _check_add_act(fn: str, input, residual, activation, negative_slope) -> None
 
 
 def _check_batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum,
-                          eps, activation: str = "relu", negative_slope: float = 0.01) -> None:
+                          eps, activation: str = "relu", negative_slope: float = 0.01,
+                          values_per_channel_known: bool = True) -> None:
     """Every check of a batch-norm (+ add) + activation call; errors name ``fn``. Modules call it before they
     touch their own bookkeeping, so that a call that raises leaves them as they were."""
-    _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           values_per_channel_known)
     if residual is not None:
         _check_residual(fn, input, residual)
     _check_activation(fn, activation, negative_slope)

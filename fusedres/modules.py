@@ -11,11 +11,12 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from . import distributed
 from . import functional as FF
 from .ops import EAGER_ACTIVATIONS
 
-__all__ = ["BatchNormAct2d", "BatchNormReLU2d", "AddReLU", "ActivationFusedAway", "fused_site",
-           "fuse_activation_module", "describe_activation"]
+__all__ = ["BatchNormAct2d", "BatchNormReLU2d", "SyncBatchNormAct2d", "AddReLU", "ActivationFusedAway",
+           "fused_site", "fuse_activation_module", "describe_activation", "fused_class_for"]
 
 # The patterns a fused site serves (conversion_report's keys): the ReLU ones, and every other activation
 # (the identity included: a batch-norm followed by the residual add alone).
@@ -154,11 +155,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
     @classmethod
     def fuse(cls, batch_norm: nn.BatchNorm2d, activation: str = "relu", negative_slope: float = 0.01,
              with_residual: bool = False) -> "BatchNormAct2d":
-        """Turn an ``nn.BatchNorm2d`` (or timm's BatchNormAct2d) into this class in place: the same object,
-        Parameters and buffers; ``revert`` gives back its original class."""
+        """Turn an ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``, or timm's BatchNormAct2d) into this class in place:
+        the same object, Parameters and buffers; ``revert`` gives back its original class."""
         original = batch_norm.__dict__.get("_fusedres_original_class", type(batch_norm))
-        if not issubclass(type(batch_norm), nn.BatchNorm2d):
-            raise TypeError(f"{cls.__name__}.fuse: expected an nn.BatchNorm2d, got {type(batch_norm).__name__}")
+        if not isinstance(batch_norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            raise TypeError(f"{cls.__name__}.fuse: expected an nn.BatchNorm2d or nn.SyncBatchNorm, got "
+                            f"{type(batch_norm).__name__}")
         batch_norm.__class__ = cls
         batch_norm.__dict__.update(_fusedres_original_class=original, activation=activation,
                                    negative_slope=float(negative_slope),
@@ -171,6 +173,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         original = module.__dict__.pop("_fusedres_original_class", nn.BatchNorm2d)
         for attribute in ("activation", "negative_slope", "fused_pattern"):
             module.__dict__.pop(attribute, None)
+        if not issubclass(original, (nn.SyncBatchNorm, SyncBatchNormAct2d)):  # (set by convert_sync_batchnorm)
+            module.__dict__.pop("process_group", None)
         module.__class__ = original
         return module
 
@@ -188,6 +192,57 @@ class BatchNormReLU2d(BatchNormAct2d):
                                 track_running_stats=track_running_stats, device=device, dtype=dtype)
 
 
+class SyncBatchNormAct2d(BatchNormAct2d):
+    """``act(batch_norm(input) [+ residual])`` with the statistics of the whole process group's batch when training
+    under torch.distributed (``fusedres.distributed``): nn.SyncBatchNorm's constructor and state_dict, plus
+    BatchNormAct2d's activation arguments. Deliberately not an nn.SyncBatchNorm: DistributedDataParallel refuses
+    those in a CPU module, and this one also runs there (gloo). In evaluation, or in a single process (no process
+    group, or one rank), it is a BatchNormAct2d: no communication. Every rank of ``process_group`` (default: the
+    world) must call it when training, as with nn.SyncBatchNorm; per-rank batch sizes may differ, an empty one
+    included."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None, act_layer=nn.ReLU,
+                 act_kwargs: dict | None = None, apply_act: bool = True, inplace: bool = True, drop_layer=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, apply_act=apply_act, act_layer=act_layer,
+                         act_kwargs=act_kwargs, inplace=inplace, drop_layer=drop_layer, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        process_group = self.__dict__.get("process_group")
+        if not self.training or distributed.world_size(process_group) == 1:
+            return super().forward(input, residual)
+        self._check_input_dim(input)
+        name = type(self).__name__
+        drop = self._modules.get("drop")
+        if drop is not None and not isinstance(drop, nn.Identity):
+            raise ValueError(f"{name}: a drop_layer between the batch-norm and the activation cannot be synchronized "
+                             f"and fused; use nn.SyncBatchNorm followed by the drop layer and the activation")
+        momentum = 0.0 if self.momentum is None else self.momentum
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias, True,
+                                 momentum, self.eps, self.activation, self.negative_slope,
+                                 values_per_channel_known=False)
+        num_batches_tracked = None
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                num_batches_tracked = self.num_batches_tracked
+        return distributed.sync_batch_norm_act(input, residual, running_mean, running_var, self.weight, self.bias,
+                                               momentum, self.eps, self.activation, self.negative_slope,
+                                               num_batches_tracked, process_group)
+
+
+def fused_class_for(batch_norm: nn.Module, activation: str) -> type:
+    """The class a batch-norm becomes when fused with ``activation``: synchronized if it was."""
+    if isinstance(batch_norm, (nn.SyncBatchNorm, SyncBatchNormAct2d)):
+        return SyncBatchNormAct2d
+    return BatchNormReLU2d if activation == "relu" else BatchNormAct2d
+
+
 class AddReLU(nn.Module):
     """``relu(input + residual)`` through fusedres's fused kernel."""
 
@@ -202,10 +257,11 @@ def _warn_unfused(module: nn.Module) -> None:
     kind = type(module).__name__
     if kind not in _warned:
         _warned.add(kind)
-        warnings.warn(f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by convert_sync_batchnorm or "
-                      f"a batch-norm freezer); its sites now run batch-norm, add and activation unfused: exact, but "
-                      f"without the fused kernels. Call fusedres.revert before such tools and convert after them.",
-                      stacklevel=3)
+        warnings.warn(f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by nn.SyncBatchNorm's "
+                      f"convert_sync_batchnorm or a batch-norm freezer); its sites now run batch-norm, add and "
+                      f"activation unfused: exact, but without the fused kernels. For synchronized batch-norm use "
+                      f"fusedres.convert_sync_batchnorm, which keeps them fused; for other tools, call "
+                      f"fusedres.revert before them and fusedres.convert after them.", stacklevel=3)
 
 
 def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] = None, activation: str = "relu",
@@ -251,6 +307,6 @@ def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_n
     if isinstance(activation_module, ActivationFusedAway):
         return
     activation, negative_slope = describe_activation(activation_module)
-    cls = BatchNormReLU2d if activation == "relu" else BatchNormAct2d
-    cls.fuse(parent._modules[batch_norm_name], activation, negative_slope)
+    batch_norm = parent._modules[batch_norm_name]
+    fused_class_for(batch_norm, activation).fuse(batch_norm, activation, negative_slope)
     parent._modules[activation_name] = ActivationFusedAway(activation_module, parent, batch_norm_name)

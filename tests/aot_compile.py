@@ -98,9 +98,9 @@ _WALK = ("CHANNELS_LAST", "SLAB_INNER", "ALIGN", "INT64")
 
 def _features(spec) -> set:
     """What a variant exercises in the compiler: each argument's type or switch value, the whole set of boolean
-    switches, the walk (layout, slab or rows, alignment hints, 64-bit offsets) with the warps, and the data types
-    (the input's and the accumulator's) with the kind of walk. Tile sizes and H*W values are not features of
-    their own."""
+    switches, the walk (layout, slab or rows, alignment hints, 64-bit offsets) with the warps, the data types
+    (the input's and the accumulator's) with the kind of walk, and each pointer's type with the accumulator's.
+    Tile sizes and H*W values are not features of their own."""
     kernel, signature, constexprs, num_warps = spec
     name = kernel.fn.__name__
     switches = tuple(sorted((k, v) for k, v in constexprs.items()
@@ -112,6 +112,9 @@ def _features(spec) -> set:
     features = {(name, k, signature[k], str(constexprs.get(k))) for k in signature
                 if not k.startswith(("BLOCK",) + _WALK)}
     features |= {(name, "switches", switches), (name, "walk", walk), (name, "types", walk[:2], types)}
+    # every pointer's type with the accumulator's: a merge loop that mixes them fails to compile
+    features |= {(name, "pointer-acc", k, signature[k], str(constexprs.get("ACC"))) for k in signature
+                 if signature[k].startswith("*")}
     return features
 
 
@@ -177,6 +180,14 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
     BK.bn_batch_stats(x, vec(stats), vec(stats))
     for num_batches_tracked in (None, _tensor((), torch.int64)):
         BK.bn_batch_stats(x, vec(stats), vec(stats), vec(), vec(), momentum=0.1,
+                          num_batches_tracked=num_batches_tracked)
+    # A synchronized batch-norm: fp64 rows for the exchange, then the merge of the ranks' rows.
+    fp64 = lambda: _tensor((c,), torch.float64)  # noqa: E731
+    BK.bn_batch_stats(x, fp64(), fp64())
+    gathered = _tensor((3, 3, c), torch.float64)
+    BK.bn_merge_ranks(gathered, vec(stats), vec(stats), fp64())
+    for num_batches_tracked in (None, _tensor((), torch.int64)):
+        BK.bn_merge_ranks(gathered, vec(stats), vec(stats), fp64(), vec(), vec(), momentum=0.1,
                           num_batches_tracked=num_batches_tracked)
 
 

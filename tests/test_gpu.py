@@ -168,3 +168,26 @@ def test_runs_on_the_tensors_device_not_the_current_one():
     assert y.device == x.device
     assert_close(y, reference_batch_norm_act(fp64_copy(x), None, None, None, fp64_copy(w), fp64_copy(b), True),
                  "output")
+
+
+MULTI_GPU = pytest.mark.skipif(not torch.distributed.is_nccl_available() or torch.cuda.device_count() < 2,
+                               reason="needs two GPUs and NCCL")
+
+
+@MULTI_GPU
+@pytest.mark.parametrize("sizes,dtype,activation,residual", [
+    ([3, 1], torch.float32, "relu", True),
+    ([2, 0], torch.float32, "silu", True),  # an empty rank
+    ([1, 2], torch.float64, "identity", False),
+], ids=["fp32-relu", "empty-rank-fp32-silu", "fp64-identity"])
+def test_sync_batch_norm_act_over_nccl_matches_eager_on_the_concatenated_batch(sizes, dtype, activation, residual):
+    from tests.distributed_workers import module_worker, run_ranks
+    run_ranks(module_worker, len(sizes), "nccl", sizes, dtype, activation, residual, 0.1, True)
+
+
+@MULTI_GPU
+@pytest.mark.parametrize("synchronized", [True, False], ids=["convert_sync_batchnorm", "per-rank-statistics"])
+def test_ddp_training_step_of_a_converted_resnet18_over_nccl(synchronized):
+    pytest.importorskip("torchvision")
+    from tests.distributed_workers import ddp_worker, run_ranks
+    run_ranks(ddp_worker, 2, "nccl", synchronized)

@@ -254,6 +254,26 @@ def _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weig
     return scale, shift, mean, invstd
 
 
+@triton.jit
+def _move_running_statistics(running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
+                             num_batches_tracked_ptr, momentum, momentum_residue, mean, var, n, offs_c, mask_c,
+                             CUMULATIVE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr):
+    """running = (1 - f) running + f batch, with the batch's unbiased variance over ``n`` values, as eager computes
+    it; f = momentum, or 1 / num_batches_tracked read on the device."""
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(num_batches_tracked_ptr).to(ACC)
+    else:
+        factor = from_fp32_parts(momentum, momentum_residue, ACC)
+    unbiased = var * (n / (n - 1.0))
+    running_mean = _load_vector(running_mean_ptr, running_mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
+    running_var = _load_vector(running_var_ptr, running_var_stride, offs_c, mask_c, 0.0, ACC, INT64)
+    # eager's form: an infinite running value stays infinite ((b - r) would make it NaN)
+    _store_vector(running_mean_ptr, running_mean_stride, (1.0 - factor) * running_mean + factor * mean, offs_c,
+                  mask_c, INT64)
+    _store_vector(running_var_ptr, running_var_stride, (1.0 - factor) * running_var + factor * unbiased, offs_c,
+                  mask_c, INT64)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
@@ -302,18 +322,46 @@ def _bn_stats_kernel(
         tl.store(mean_ptr + offs_c, mean_all, mask=mask_c)
         tl.store(var_ptr + offs_c, var, mask=mask_c)
         if UPDATE_RUNNING:
-            if CUMULATIVE:
-                factor = 1.0 / tl.load(num_batches_tracked_ptr).to(ACC)
-            else:
-                factor = from_fp32_parts(momentum, momentum_residue, ACC)
-            n = tl.cast(count, ACC)
-            running_mean = _load_vector(running_mean_ptr, running_mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
-            running_var = _load_vector(running_var_ptr, running_var_stride, offs_c, mask_c, 0.0, ACC, INT64)
-            # eager's form: an infinite running value stays infinite ((b - r) would make it NaN)
-            _store_vector(running_mean_ptr, running_mean_stride, (1.0 - factor) * running_mean + factor * mean_all,
-                          offs_c, mask_c, INT64)
-            _store_vector(running_var_ptr, running_var_stride,
-                          (1.0 - factor) * running_var + factor * (var * (n / (n - 1.0))), offs_c, mask_c, INT64)
+            _move_running_statistics(running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
+                                     num_batches_tracked_ptr, momentum, momentum_residue, mean_all, var,
+                                     tl.cast(count, ACC), offs_c, mask_c, CUMULATIVE, ACC, INT64)
+
+
+@triton.jit
+def _bn_merge_ranks_kernel(
+    gathered_ptr,                # [ranks, 3, channels] fp64: every rank's count, mean and biased variance
+    ranks,
+    mean_ptr, var_ptr,           # [channels] out: the whole group's mean and biased variance
+    count_ptr,                   # [channels] fp64 out: the whole group's count (the backward divides by it)
+    running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
+    num_batches_tracked_ptr, momentum, momentum_residue,
+    channels,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    """A synchronized batch-norm's statistics: the ranks' rows Chan-merged in rank order (the same bits on every
+    rank), and the running statistics moved with the global count (left as they are if every rank was empty)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < channels
+    count = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for rank in range(ranks):
+        row = gathered_ptr + rank * 3 * channels + offs_c
+        rank_count = tl.load(row, mask=mask_c, other=0.0)
+        rank_mean = tl.load(row + channels, mask=mask_c, other=0.0)
+        rank_m2 = tl.load(row + 2 * channels, mask=mask_c, other=0.0) * rank_count
+        count, mean, m2 = _chan_merge(count, mean, m2, rank_count, rank_mean, rank_m2)
+    var = m2 / tl.maximum(count, 1.0)
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, var, mask=mask_c)
+    tl.store(count_ptr + offs_c, count, mask=mask_c)
+    if UPDATE_RUNNING:
+        _move_running_statistics(running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
+                                 num_batches_tracked_ptr, momentum, momentum_residue, mean, var,
+                                 # a global count of 1 (eager refuses it; refusing here would sync the host) has
+                                 # variance 0, which any finite n / (n - 1) keeps
+                                 tl.maximum(count, 2.0), offs_c, mask_c & (count > 0.0), CUMULATIVE, tl.float64,
+                                 INT64)
 
 
 @triton.jit
@@ -580,13 +628,31 @@ def bn_batch_stats(x, mean_out, var_out, running_mean=None, running_var=None, *,
     acc = accumulator_dtype(x.dtype)
     momentum_hi, momentum_lo = fp32_parts(momentum)
     launch(_bn_stats_kernel, plan.grid, dict(
-        x_ptr=x, partial_ptr=torch.empty((3, plan.splits, geometry.channels), dtype=mean_out.dtype, device=x.device),
+        # partial rows in the accumulator's dtype (the merge's loop keeps one type), whatever mean_out's
+        x_ptr=x, partial_ptr=torch.empty((3, plan.splits, geometry.channels),
+                                         dtype=torch.float64 if acc == tl.float64 else torch.float32, device=x.device),
         ticket_ptr=ticket_counters(x.device, plan.channel_blocks), mean_ptr=mean_out, var_ptr=var_out,
         **_vector_args(running_mean=running_mean, running_var=running_var),
         num_batches_tracked_ptr=num_batches_tracked, momentum=momentum_hi, momentum_residue=momentum_lo,
         count=geometry.outer * geometry.inner, **_walk_args(geometry, plan, dict(x=x)),
         UPDATE_RUNNING=running_mean is not None, CUMULATIVE=num_batches_tracked is not None, ACC=acc,
         BLOCK_S=plan.merge_block_splits, INT64=needs_int64(x, running_mean, running_var)), plan.num_warps)
+
+
+def bn_merge_ranks(gathered, mean_out, var_out, count_out, running_mean=None, running_var=None, *,
+                   momentum: float = 0.0, num_batches_tracked=None) -> None:
+    """A synchronized batch-norm's statistics from ``gathered``, every rank's ``[3, channels]`` (count, mean,
+    biased variance) stacked in rank order (fp64): mean_out, var_out (the statistics dtype) and count_out (fp64) per
+    channel; with running statistics, moves them as ``bn_batch_stats`` does, with the global count. One launch."""
+    ranks, _, channels = gathered.shape
+    block_c = 128
+    momentum_hi, momentum_lo = fp32_parts(momentum)
+    launch(_bn_merge_ranks_kernel, (triton.cdiv(channels, block_c),), dict(
+        gathered_ptr=gathered.contiguous(), ranks=ranks, mean_ptr=mean_out, var_ptr=var_out, count_ptr=count_out,
+        **_vector_args(running_mean=running_mean, running_var=running_var),
+        num_batches_tracked_ptr=num_batches_tracked, momentum=momentum_hi, momentum_residue=momentum_lo,
+        channels=channels, UPDATE_RUNNING=running_mean is not None, CUMULATIVE=num_batches_tracked is not None,
+        BLOCK_C=block_c, INT64=needs_int64(running_mean, running_var)), 4)
 
 
 def bn_act_backward_reduce(grad_y, x, mean, var, weight, bias, eps: float, *, sums_out, activation: str = "relu",
@@ -632,13 +698,15 @@ def bn_act_backward_reduce(grad_y, x, mean, var, weight, bias, eps: float, *, su
 
 
 def bn_backward_dx(grad, x, mean, var, weight, bias, eps: float, sums, *, grad_is_dy: bool, grad_x_out,
-                   activation: str = "relu", slope: float = 0.0, **tiles) -> None:
+                   activation: str = "relu", slope: float = 0.0, count: int | None = None, **tiles) -> None:
     """grad_x_out = batch-norm input gradient with batch statistics, from dz (or from dy, act'(z) recomputed from
-    x); ``sums`` is the reduce pass's ``[2, channels]`` sum(dz), sum(dz * xhat)."""
+    x); ``sums`` is the reduce pass's ``[2, channels]`` sum(dz), sum(dz * xhat), over ``count`` values per channel
+    (default: x's; a synchronized batch-norm passes the means over the process group's batch, and 1)."""
     geometry, plan = _plan(x, **tiles)
     launch(_bn_backward_dx_kernel, plan.grid, dict(
         grad_ptr=grad, x_ptr=x, grad_x_ptr=grad_x_out, **_vector_args(mean=mean, var=var, weight=weight, bias=bias),
-        **_eps_args(eps), **_slope_args(slope), sums_ptr=sums, count=geometry.outer * geometry.inner,
+        **_eps_args(eps), **_slope_args(slope), sums_ptr=sums,
+        count=geometry.outer * geometry.inner if count is None else count,
         **_walk_args(geometry, plan, dict(grad=grad, x=x, grad_x=grad_x_out)),
         ACTIVATION=_activation(activation), GRAD_IS_DY=grad_is_dy, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype),
