@@ -133,7 +133,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
                     activation=ctx.activation, slope=ctx.negative_slope)
         # Summed by one reduction (the same bits on every rank), divided by the global count on the device: the dx
         # pass takes per-channel means (count 1), since reading the count on the host would synchronise.
-        means = (_gather(sums, ctx.process_group).sum(0) / count).to(mean.dtype)  # (all empty: never read)
+        means = _gather(sums, ctx.process_group).sum(0).div_(count)  # (every rank empty: never read)
         grad_x = None
         if needs[0]:
             grad_x = torch.empty_like(x)
