@@ -3,9 +3,9 @@ and tests/test_gpu.py (NCCL, one process per GPU): ``run_ranks`` spawns the rank
 rank computes with single-process fp64 eager PyTorch on the concatenated batch."""
 from __future__ import annotations
 
-import socket
 import time
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -19,17 +19,12 @@ from tests.helpers import MODEL_TOLERANCE, REFERENCE_ACTIVATIONS, assert_close, 
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(worker, world: int, backend: str, *args) -> None:
     """Run ``worker(rank, world, device, *args)`` in ``world`` spawned processes joined in a ``backend`` process
-    group on the loopback address (NCCL: rank r on GPU r); fail with a rank's traceback, or after TIMEOUT_S."""
-    port = _free_port()
-    context = torch.multiprocessing.start_processes(_bootstrap, args=(world, port, backend, worker, args),
+    group (NCCL: rank r on GPU r); fail with a rank's traceback, or after TIMEOUT_S. The rendezvous is a TCPStore
+    this process serves on the loopback address, on a free port it binds itself (no pick-then-bind race)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    context = torch.multiprocessing.start_processes(_bootstrap, args=(world, store.port, backend, worker, args),
                                                     nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + TIMEOUT_S
     while not context.join(timeout=2):
@@ -45,7 +40,8 @@ def _bootstrap(rank: int, world: int, port: int, backend: str, worker, args) -> 
     if backend == "nccl":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     try:
         worker(rank, world, device, *args)
     except Exception:
