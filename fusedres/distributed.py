@@ -15,6 +15,7 @@ differentiable all_gather.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -98,55 +99,21 @@ class _SyncBatchNormAct(torch.autograd.Function):
             batch_norm_launchers.bn_merge_ranks(gathered, mean, var, count, running_mean, running_var,
                                                 momentum=momentum, num_batches_tracked=num_batches_tracked)
         y = ops.batch_norm_act_kernels(x, residual, weight, bias, mean, var, True, eps, activation, negative_slope)
-        source = ops._pre_activation_source(activation, residual is not None)
-        ctx.save_for_backward(x, {"none": None, "output": y, "residual": residual}[source], weight, bias, mean, var,
-                              count)
-        ctx.source, ctx.eps, ctx.activation, ctx.negative_slope = source, eps, activation, negative_slope
-        ctx.process_group, ctx.residual_dtype = process_group, None if residual is None else residual.dtype
+        ops._batch_norm_act_setup_context(ctx, (x, residual, weight, bias, mean, var, True, eps, activation,
+                                                negative_slope), y)
+        ctx.count, ctx.process_group = count, process_group
         ctx.mark_non_differentiable(*(t for t in (running_mean, running_var) if t is not None))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, pre, weight, bias, mean, var, count = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        has_residual = ctx.residual_dtype is not None
-        output = pre if ctx.source == "output" else None
-        residual = pre if ctx.source == "residual" else None
-        if residual is not None and x.numel():
-            residual = ops._walkable_residual(x, residual)
-        pre = output if output is not None else residual
-        channels = x.shape[1]
-        sums = torch.zeros((2, channels), dtype=mean.dtype, device=x.device)
-        grad_z = None
-        want_weight, want_bias = needs[2] and weight is not None, needs[3] and bias is not None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
-        grad_bias = torch.zeros_like(bias) if want_bias else None
-        if x.numel():
-            if not batch_norm_launchers.walkable(x, grad_y):
-                grad_y = ops._laid_out_like(grad_y, pre if pre is not None else x)
-            grad_z = torch.empty_like(pre, dtype=torch.promote_types(x.dtype, pre.dtype)) if pre is not None else None
-            with ops._on_device(x):
-                batch_norm_launchers.bn_act_backward_reduce(
-                    grad_y, x, mean, var, weight, bias, ctx.eps, sums_out=sums, output=output, residual=residual,
-                    grad_z_out=grad_z, grad_weight_out=grad_weight, grad_bias_out=grad_bias,
-                    activation=ctx.activation, slope=ctx.negative_slope)
-        # Summed by one reduction (the same bits on every rank), divided by the global count on the device: the dx
-        # pass takes per-channel means (count 1), since reading the count on the host would synchronise.
-        means = _gather(sums, ctx.process_group).sum(0).div_(count)  # (every rank empty: never read)
-        grad_x = None
-        if needs[0]:
-            grad_x = torch.empty_like(x)
-            if x.numel():
-                with ops._on_device(x):
-                    batch_norm_launchers.bn_backward_dx(grad_z if pre is not None else grad_y, x, mean, var, weight,
-                                                        bias, ctx.eps, means, grad_is_dy=pre is None,
-                                                        grad_x_out=grad_x, count=1, activation=ctx.activation,
-                                                        slope=ctx.negative_slope)
-        grad_residual = None
-        if needs[1] and has_residual:
-            grad_residual = (grad_z if grad_z is not None else grad_y).to(ctx.residual_dtype)
-        return (grad_x, grad_residual, grad_weight, grad_bias) + (None,) * 8
+        def sums_to_means(sums):
+            # Summed by one reduction (the same bits on every rank), divided by the global count on the device:
+            # the dx pass takes per-channel means (count 1), since reading the count on the host would synchronise.
+            return _gather(sums, ctx.process_group).sum(0).div_(ctx.count)  # (every rank empty: never read)
+
+        backward = functools.partial(ops.batch_norm_act_backward_passes, sums_to_means=sums_to_means)
+        return ops.batch_norm_act_gradients(ctx, grad_y, backward) + (None,) * 8
 
 
 def _eager_sync_batch_norm_act(input, residual, weight, bias, running_mean, running_var, momentum, eps, activation,

@@ -139,18 +139,30 @@ class BatchNormAct2d(nn.BatchNorm2d):
         keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
-        # Checked before num_batches_tracked moves: a call that raises leaves the module as it was.
+        synchronized = self._synchronized()
+        # Checked before num_batches_tracked moves: a call that raises leaves the module as it was. (A synchronized
+        # batch-norm's values per channel are the whole group's.)
         FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                 use_batch_stats, momentum, self.eps, activation, self.negative_slope)
+                                 use_batch_stats, momentum, self.eps, activation, self.negative_slope,
+                                 values_per_channel_known=not synchronized)
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked, on the device
                 num_batches_tracked = self.num_batches_tracked
-        out = FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                 use_batch_stats, momentum, self.eps, activation, self.negative_slope,
-                                 num_batches_tracked=num_batches_tracked)
+        if synchronized:
+            out = distributed.sync_batch_norm_act(input, residual, running_mean, running_var, self.weight, self.bias,
+                                                  momentum, self.eps, activation, self.negative_slope,
+                                                  num_batches_tracked, self.__dict__.get("process_group"))
+        else:
+            out = FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
+                                     use_batch_stats, momentum, self.eps, activation, self.negative_slope,
+                                     num_batches_tracked=num_batches_tracked)
         return self.act(drop(out)) if unfused_activation else out
+
+    def _synchronized(self) -> bool:
+        """Whether this call normalizes with a process group's statistics (SyncBatchNormAct2d)."""
+        return False
 
     @classmethod
     def fuse(cls, batch_norm: nn.BatchNorm2d, activation: str = "relu", negative_slope: float = 0.01,
@@ -210,30 +222,15 @@ class SyncBatchNormAct2d(BatchNormAct2d):
                          act_kwargs=act_kwargs, inplace=inplace, drop_layer=drop_layer, device=device, dtype=dtype)
         self.process_group = process_group
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        process_group = self.__dict__.get("process_group")
-        if not self.training or distributed.world_size(process_group) == 1:
-            return super().forward(input, residual)
-        self._check_input_dim(input)
-        name = type(self).__name__
+    def _synchronized(self) -> bool:
+        if not self.training or distributed.world_size(self.__dict__.get("process_group")) == 1:
+            return False
         drop = self._modules.get("drop")
         if drop is not None and not isinstance(drop, nn.Identity):
-            raise ValueError(f"{name}: a drop_layer between the batch-norm and the activation cannot be synchronized "
-                             f"and fused; use nn.SyncBatchNorm followed by the drop layer and the activation")
-        momentum = 0.0 if self.momentum is None else self.momentum
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
-        FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias, True,
-                                 momentum, self.eps, self.activation, self.negative_slope,
-                                 values_per_channel_known=False)
-        num_batches_tracked = None
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                num_batches_tracked = self.num_batches_tracked
-        return distributed.sync_batch_norm_act(input, residual, running_mean, running_var, self.weight, self.bias,
-                                               momentum, self.eps, self.activation, self.negative_slope,
-                                               num_batches_tracked, process_group)
+            raise ValueError(f"{type(self).__name__}: a drop_layer between the batch-norm and the activation cannot "
+                             f"be synchronized and fused; use nn.SyncBatchNorm followed by the drop layer and the "
+                             f"activation")
+        return True
 
 
 def fused_class_for(batch_norm: nn.Module, activation: str) -> type:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -168,13 +168,31 @@ def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, residual
     and a residual added, the activation is the identity and the residual's gradient is grad_output itself (the
     caller's). ``mean``/``var`` are the statistics the forward used."""
     _require_kernels("batch_norm_act_backward", input)
+    return batch_norm_act_backward_passes(grad_output, input, residual, output, weight, bias, mean, var, training,
+                                          eps, activation, negative_slope, output_mask)
+
+
+def batch_norm_act_backward_passes(grad_output: Tensor, input: Tensor, residual: Optional[Tensor],
+                                   output: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                   mean: Tensor, var: Tensor, training: bool, eps: float, activation: str,
+                                   negative_slope: float, output_mask: list[bool],
+                                   sums_to_means: Optional[Callable[[Tensor], Tensor]] = None
+                                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """batch_norm_act_backward's reduce and dx passes. ``sums_to_means`` (a synchronized batch-norm's exchange)
+    is called between them, on every rank that trains and wants the input's gradient, an empty one included,
+    with this rank's ``[2, channels]`` sum(dz), sum(dz * xhat); it returns the whole group's per-channel means of
+    them, which the dx pass then takes with count 1."""
     want_x, want_residual, want_weight, want_bias = output_mask
     x = _dense(input)
+    if x.numel() == 0:
+        if sums_to_means is not None and training and want_x:
+            sums_to_means(torch.zeros((2, x.shape[1]), dtype=_stats_dtype(x), device=x.device))
+        grad_x, grad_z, grad_weight, grad_bias = _backward_outputs(x, output if output is not None else residual,
+                                                                   weight, bias, output_mask)
+        return grad_x, grad_z, grad_weight.zero_(), grad_bias.zero_()
     residual = _walkable_residual(x, residual)
     pre = output if output is not None else residual
     grad_x, grad_z, grad_weight, grad_bias = _backward_outputs(x, pre, weight, bias, output_mask)
-    if x.numel() == 0:
-        return grad_x, grad_z, grad_weight.zero_(), grad_bias.zero_()
     like = pre if pre is not None else x
     grad_y = grad_output if batch_norm_launchers.walkable(x, grad_output) else _laid_out_like(grad_output, like)
     sums = torch.empty((2, x.shape[1]), dtype=_stats_dtype(x), device=x.device)
@@ -191,9 +209,12 @@ def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, residual
             grad_weight_out=grad_weight if want_weight else None,
             grad_bias_out=grad_bias if want_bias else None, need_sums=training and want_x, **activation_args)
         if want_x and training:
+            count = None  # x's values per channel
+            if sums_to_means is not None:
+                sums, count = sums_to_means(sums), 1
             batch_norm_launchers.bn_backward_dx(grad_z if pre is not None else grad_y, x, mean, var, weight,
                                                 bias, eps, sums, grad_is_dy=pre is None, grad_x_out=grad_x,
-                                                **activation_args)
+                                                count=count, **activation_args)
     if not want_residual:
         grad_z = grad_z.new_empty(0)
     return grad_x, grad_z, grad_weight, grad_bias
@@ -249,14 +270,16 @@ def _batch_norm_act_setup_context(ctx, inputs, output):
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _batch_norm_act_autograd(ctx, grad_y):
+def batch_norm_act_gradients(ctx, grad_y: Tensor, backward: Callable) -> tuple:
+    """The gradients of (input, residual, weight, bias), from what ``_batch_norm_act_setup_context`` kept in
+    ``ctx``, through ``backward`` (the registered backward op, or a synchronized batch-norm's passes)."""
     input, pre, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     has_residual = ctx.residual_dtype is not None
     # With the identity, the residual's gradient is grad_y itself: no kernel writes it.
     output_mask = [needs[0], needs[1] and has_residual and ctx.source != "none", needs[2] and weight is not None,
                    needs[3] and bias is not None]
-    grad_x, grad_residual, grad_weight, grad_bias = torch.ops.fusedres.batch_norm_act_backward(
+    grad_x, grad_residual, grad_weight, grad_bias = backward(
         grad_y, input, pre if ctx.source == "residual" else None, pre if ctx.source == "output" else None, weight,
         bias, mean, var, ctx.training, ctx.eps, ctx.activation, ctx.negative_slope, output_mask)
     if needs[1] and has_residual:
@@ -264,8 +287,11 @@ def _batch_norm_act_autograd(ctx, grad_y):
     return (grad_x if output_mask[0] else None,
             grad_residual if needs[1] and has_residual else None,
             grad_weight if output_mask[2] else None,
-            grad_bias if output_mask[3] else None,
-            None, None, None, None, None, None)
+            grad_bias if output_mask[3] else None)
+
+
+def _batch_norm_act_autograd(ctx, grad_y):
+    return batch_norm_act_gradients(ctx, grad_y, torch.ops.fusedres.batch_norm_act_backward) + (None,) * 6
 
 
 _batch_norm_act.register_autograd(_batch_norm_act_autograd, setup_context=_batch_norm_act_setup_context)
