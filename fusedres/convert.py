@@ -41,7 +41,7 @@ from torch import nn
 from .blocks import FUSED_SEED_CLASSES
 from .converted import ConvertedForward, fused_class
 from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU,
-                      ActivationFusedAway, BatchNormAct2d, BatchNormReLU2d, SyncBatchNormAct2d, describe_activation,
+                      ActivationFusedAway, BatchNormAct2d, SyncBatchNormAct2d, describe_activation,
                       fuse_activation_module, fused_class_for, fused_site)
 
 __all__ = ["convert", "revert", "conversion_report", "convert_sync_batchnorm"]
@@ -53,6 +53,7 @@ _ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu"
                          F.gelu: "gelu", F.hardswish: "hardswish", F.mish: "mish"}
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 _TIMM_BATCH_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
+_PLAIN_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # what a site's batch-norm may be before fusion
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _RUNTIME_SWITCHES = re.compile(r"self\.training\b|grad_checkpointing|torch\.jit\.is_tracing|is_compiling")
@@ -145,7 +146,7 @@ def _module_calls(graph: fx.Graph) -> dict[str, int]:
 def _is_site_batch_norm(module: nn.Module) -> bool:
     """A plain batch-norm, or one convert made from timm's BatchNormAct2d with the identity for activation and no
     residual yet: it can take the add that follows it, and the activation after that."""
-    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+    if type(module) in _PLAIN_BATCH_NORMS:
         return True
     return (type(module) is BatchNormAct2d and "_fusedres_original_class" in module.__dict__
             and module.activation == "identity" and module.fused_pattern == BATCH_NORM_ACT)
@@ -176,7 +177,7 @@ def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holder
         if user is None:
             continue
         activation = _activation_of(user, owner)
-        if activation is not None and type(batch_norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        if activation is not None and type(batch_norm) in _PLAIN_BATCH_NORMS:
             sites.append(_Site(node, user, *activation, identities=identities, act=user))
             continue
         shortcut = _add_operand(user, value)
@@ -312,8 +313,8 @@ def _convert_timm_batch_norm_act(name: str, module: nn.Module, not_analysed: lis
     if why is not None:
         not_analysed.append((name, f"{name} (BatchNormAct2d): left unfused: {why}"))
         return
-    described = describe_activation(module._modules.get("act"))
-    (BatchNormReLU2d if described[0] == "relu" else BatchNormAct2d).fuse(module, *described)
+    activation, negative_slope = describe_activation(module._modules.get("act"))
+    fused_class_for(module, activation).fuse(module, activation, negative_slope)
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -402,26 +403,26 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             raise TypeError(f"convert_sync_batchnorm: expected timm BatchNormAct2d modules fusedres can fuse, got "
                             f"{name or '<model>'}, where {why}; synchronize that model with timm's "
                             f"convert_sync_batchnorm instead")
-    return _synchronized(module, process_group)
+    return _synchronize(module, process_group)
 
 
-def _synchronized(module: nn.Module, process_group) -> nn.Module:
+def _synchronize(module: nn.Module, process_group) -> nn.Module:
+    """``module`` (or what replaces it) with its batch-norms synchronized over ``process_group``."""
     if _is_timm_batch_norm_act(module):
         _convert_timm_batch_norm_act("", module, [])
-    if isinstance(module, BatchNormAct2d) or type(module) is nn.BatchNorm2d:
-        if not isinstance(module, SyncBatchNormAct2d):
-            fused = isinstance(module, BatchNormAct2d)
-            pattern = module.fused_pattern if fused else BATCH_NORM_ACT
-            SyncBatchNormAct2d.fuse(module, module.activation if fused else "identity",
-                                    module.negative_slope if fused else 0.01)
-            module.__dict__["fused_pattern"] = pattern
+    if type(module) is nn.BatchNorm2d:
+        SyncBatchNormAct2d.fuse(module, "identity")
+    elif isinstance(module, BatchNormAct2d) and not isinstance(module, SyncBatchNormAct2d):
+        SyncBatchNormAct2d.fuse(module, module.activation, module.negative_slope,
+                                with_residual=module.fused_pattern in (BATCH_NORM_ADD_RELU, BATCH_NORM_ADD_ACT))
+    if isinstance(module, SyncBatchNormAct2d):
         module.__dict__["process_group"] = process_group
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     for name, child in module._modules.items():
         if child is not None:
-            module._modules[name] = _synchronized(child, process_group)
+            module._modules[name] = _synchronize(child, process_group)
     return module
 
 
