@@ -314,6 +314,11 @@ def analyse_cases(cases: list[dict], *, capability: int = 90, jobs: int = 2) -> 
             occupancy=min((a.occupancy.fraction for a in found), default=None),
             load_bits=min(loop_loads, default=None), store_bits=min(loop_stores, default=None),
             float_atomics=sum(n for a in found for opcode, n in a.atomics.items() if ".F" in opcode),
+            # a merge's loads of other programs' partial rows must not be served from this SM's L1
+            merge_l1_loads=sum(n for a in found for opcode, n in a.merge_loads.items() if ".STRONG.GPU" not in opcode
+                               and ".STRONG.SYS" not in opcode),
+            # a kernel taking tickets whose merge loop was not found: the check above would pass unchecked
+            merges_unread=[a.name for a in found if a.atomics and not a.merge_loads],
             floor_element_bytes=floor_element_bytes(case["op"], case["mode"], activation),
             eager_element_bytes=EAGER_ELEMENT_BYTES[(case["op"], case["mode"])],
             capability=capability, source="prediction (compiled for sm_%d without a GPU)" % capability))
@@ -323,7 +328,7 @@ def analyse_cases(cases: list[dict], *, capability: int = 90, jobs: int = 2) -> 
 def kernel_limits(row: dict) -> list[str]:
     """What a row breaks of the kernel report's limits (docs/design.md): launches per op, no local memory, at most
     128 registers at 8 warps (or as many register-warps at another warp count), activation accesses at least 64
-    bits wide on 16-bit types (128 on wider ones), no float atomics."""
+    bits wide on 16-bit types (128 on wider ones), no float atomics, merges reading partial rows past L1."""
     problems = []
     where = (f"{row['op']} {row['mode']} {row['activation']} {row['shape']} {row['dtype']} {row['layout']} "
              f"({row['kernels']})")
@@ -340,6 +345,12 @@ def kernel_limits(row: dict) -> list[str]:
             problems.append(f"{where}: {row[kind]}-bit activation {kind.split('_')[0]}s, expected at least {narrowest}")
     if row["float_atomics"]:
         problems.append(f"{where}: {row['float_atomics']} float atomics")
+    if row["merges_unread"]:
+        problems.append(f"{where}: no merge loop found after the ticket in {', '.join(row['merges_unread'])} (the "
+                        f"report cannot check its loads)")
+    if row["merge_l1_loads"]:
+        problems.append(f"{where}: {row['merge_l1_loads']} loads of partial rows in a merge may hit L1 (expected "
+                        f".cg: LDG.*.STRONG.GPU)")
     return problems
 
 

@@ -154,3 +154,23 @@ def assert_models_match(fused: torch.nn.Module, reference: torch.nn.Module, what
             assert_close(buffer, ref_buffers[name], f"{what}: {name}", tolerance=tolerance)
         else:
             assert torch.equal(buffer, ref_buffers[name]), f"{what}: {name}"
+
+
+def training_inputs(shape, dtype, channels_last, residual):
+    """(x, residual or None, running_mean, running_var, weight, bias) for a training step, the per-channel tensors in
+    fp32 for half inputs (autocast's), x, residual, weight and bias requiring grad."""
+    x = make_input(shape, dtype, channels_last).requires_grad_()
+    r = make_input(shape, dtype, channels_last).requires_grad_() if residual else None
+    param_dtype = torch.float32 if dtype in HALF_DTYPES else dtype
+    rm, rv, w, b = make_params(shape[1], param_dtype)
+    return x, r, rm, rv, w.requires_grad_(), b.requires_grad_()
+
+
+def training_step(x, r, rm, rv, w, b, grad):
+    """relu(bn(x) [+ r]) in training mode and its gradients: (output, grad of x [, of r], of weight, of bias)."""
+    import fusedres.functional as FF
+
+    y = FF.batch_norm_add_relu(x, r, rm, rv, w, b, training=True) if r is not None else \
+        FF.batch_norm_relu(x, rm, rv, w, b, training=True)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    return (y, *torch.autograd.grad(y, leaves, grad))

@@ -129,3 +129,52 @@ def test_ops_suite_takes_another_activation(tmp_path):
     backward = next(r for r in rows if r["op"] == "add_silu" and r["mode"] == "backward")
     shape = tuple(int(s) for s in backward["shape"].split("x"))
     assert backward["floor_bytes"] == 4 * 4 * torch.Size(shape).numel()  # both summands read: 4e
+
+
+def test_a_failing_case_becomes_a_row_and_every_row_is_logged_as_measured(tmp_path, monkeypatch):
+    """One case raising is that case's row (its error in the note); the others still run; rows.jsonl holds every
+    row, in order, as the JSON does."""
+    from fusedres.benchmark import ops_suite
+
+    measured = ops_suite._cpu_rows
+
+    def sometimes_failing(base, spec, settings):
+        if base["mode"] == "backward":
+            raise RuntimeError("the case broke")
+        return measured(base, spec, settings)
+
+    monkeypatch.setattr(ops_suite, "_cpu_rows", sometimes_failing)
+    assert cli.main(["--quick", "--suite", "ops", "--ops", "add_relu", "--dtype", "fp32", "--layout", "nchw",
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    failed = [r for r in rows if r["mode"] == "backward"]
+    assert len(failed) == 1 and "RuntimeError: the case broke" in failed[0]["note"]
+    assert {r["mode"] for r in rows} == {"inference", "train_forward", "backward", "forward_backward"}
+    logged = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["provider"]) for r in logged] == [(r["mode"], r["provider"]) for r in rows]
+    assert "the case broke" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C, or the SIGINT/SIGTERM of a time limit, after two rows: exit status 130, and the results (JSON,
+    CSV, summary, plot, rows.jsonl) hold those two rows."""
+    from fusedres.benchmark import ops_suite
+
+    measured = ops_suite._cpu_rows
+    calls = []
+
+    def interrupted_on_the_second_case(base, spec, settings):
+        calls.append(base["mode"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measured(base, spec, settings)
+
+    monkeypatch.setattr(ops_suite, "_cpu_rows", interrupted_on_the_second_case)
+    assert cli.main(["--quick", "--suite", "ops", "--ops", "add_relu", "--dtype", "fp32", "--layout", "nchw",
+                     "--out", str(tmp_path)]) == 130
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["mode"], r["provider"]) for r in rows] == [("inference", "eager"), ("inference", "fusedres")]
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert "interrupted" in (tmp_path / "summary.md").read_text() and (tmp_path / "speedup.png").exists()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .cases import no_grad_call
-from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
-                     progress)
+from .runner import (INTERPRETER_NOTE, Settings, case_rows, dtype_name, fresh_compile, max_error, measure_cpu,
+                     measure_gpu, progress)
 
 
 def _seed(name, *args):
@@ -97,34 +98,40 @@ def _available(block) -> bool:
         return False
 
 
-def run_blocks(settings: Settings) -> list[dict]:
+def run_blocks(settings: Settings) -> Iterator[dict]:
+    """The rows of each case as soon as it is measured."""
     blocks = [b for b in BLOCKS if (not settings.quick or b[0] in QUICK_BLOCKS) and _available(b)]
     modes = ("inference", "forward_backward")
     cases = [(b, dtype, layout, mode) for b in blocks for dtype in settings.dtypes for layout in settings.layouts
              for mode in modes]
     bar = progress(len(cases), "blocks")
+    try:
+        for (name, make, channels, size), dtype, layout, mode in cases:
+            if not settings.on_gpu:
+                channels, size = max(4, channels // 16), 8
+            shape = (settings.batch_size, channels, size, size)
+            base = dict(level="block", op=name, mode=mode, shape="x".join(map(str, shape)),
+                        dtype=dtype_name(dtype), layout=layout)
+            yield from case_rows(base, lambda: _block_rows(base, lambda: make(channels), shape, mode, dtype, layout,
+                                                           settings))
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _block_rows(base, make, shape, mode, dtype, layout, settings) -> list[dict]:
+    torch.manual_seed(0)
+    module = make()
+    if not settings.on_gpu:
+        return _cpu_rows(base, module, shape, mode, dtype, layout, settings)
+    training = mode != "inference"
     rows = []
-    for (name, make, channels, size), dtype, layout, mode in cases:
-        if not settings.on_gpu:
-            channels, size = max(4, channels // 16), 8
-        shape = (settings.batch_size, channels, size, size)
-        base = dict(level="block", op=name, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name(dtype),
-                    layout=layout)
-        torch.manual_seed(0)
-        module = make(channels)
-        training = mode != "inference"
-        if settings.on_gpu:
-            for provider, candidate in _providers(module, settings):
-                candidate = _prepare(candidate, settings, layout, training)
-                make_step = lambda seed, c=candidate: _block_step(  # noqa: E731
-                    c, _input(shape, settings, layout, training, seed=seed), mode, _autocast(settings, dtype))
-                input_bytes = 4 * torch.Size(shape).numel()
-                rows.append(measure_gpu(dict(base, provider=provider), make_step, settings,
-                                        compiled=provider == "compile", input_bytes=input_bytes))
-        else:
-            rows += _cpu_rows(base, module, shape, mode, dtype, layout, settings)
-        bar.update(1)
-    bar.close()
+    for provider, candidate in _providers(module, settings):
+        candidate = _prepare(candidate, settings, layout, training)
+        make_step = lambda seed, c=candidate: _block_step(  # noqa: E731
+            c, _input(shape, settings, layout, training, seed=seed), mode, _autocast(settings, dtype))
+        rows.append(measure_gpu(dict(base, provider=provider), make_step, settings, compiled=provider == "compile",
+                                input_bytes=4 * torch.Size(shape).numel()))
     return rows
 
 
@@ -159,43 +166,50 @@ def _model_step(model, x, labels, mode, autocast, optimizer):
     return run
 
 
-def run_models(settings: Settings) -> list[dict]:
+def run_models(settings: Settings) -> Iterator[dict]:
+    """The rows of each case as soon as it is measured."""
     models = MODELS[:1] if settings.quick and not settings.on_gpu else MODELS
     modes = ("inference", "train_step")
     cases = [(m, dtype, layout, mode) for m in models for dtype in settings.dtypes for layout in settings.layouts
              for mode in modes]
     bar = progress(len(cases), "models")
-    rows = []
     size = GPU_IMAGE_SIZE if settings.on_gpu else CPU_IMAGE_SIZE
     shape = (settings.batch_size, 3, size, size)
-    for (name, make), dtype, layout, mode in cases:
-        base = dict(level="model", op=f"torchvision.{name}", mode=mode, shape="x".join(map(str, shape)),
-                    dtype=dtype_name(dtype), layout=layout)
-        torch.manual_seed(0)
-        model = make()
-        training = mode == "train_step"
-        labels = torch.randint(0, 1000, (shape[0],), generator=torch.Generator().manual_seed(0)).to(settings.device)
-        for provider, candidate in _providers(model, settings):
-            candidate = _prepare(candidate, settings, layout, training)
-            optimizer = torch.optim.SGD(candidate.parameters(), lr=1e-4)
-            step = _model_step(candidate, _input(shape, settings, layout, False), labels, mode,
-                               _autocast(settings, dtype), optimizer)
-            row = dict(base, provider=provider)
-            if settings.on_gpu:
-                row = measure_gpu(row, lambda seed, s=step: s, settings, compiled=provider == "compile",
-                                  input_bytes=None)
-                if row.get("ms"):
-                    row["images_per_s"] = shape[0] / (row["ms"] * 1e-3)
-            elif provider == "fusedres":
-                row.update(timer="interpreter (not timed)", note=INTERPRETER_NOTE)
-            else:
-                row = measure_cpu(row, step, settings)
+    try:
+        for (name, make), dtype, layout, mode in cases:
+            base = dict(level="model", op=f"torchvision.{name}", mode=mode, shape="x".join(map(str, shape)),
+                        dtype=dtype_name(dtype), layout=layout)
+            yield from case_rows(base, lambda: _model_rows(base, make, shape, mode, dtype, layout, settings))
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _model_rows(base, make, shape, mode, dtype, layout, settings) -> list[dict]:
+    torch.manual_seed(0)
+    model = make()
+    training = mode == "train_step"
+    labels = torch.randint(0, 1000, (shape[0],), generator=torch.Generator().manual_seed(0)).to(settings.device)
+    rows = []
+    for provider, candidate in _providers(model, settings):
+        candidate = _prepare(candidate, settings, layout, training)
+        optimizer = torch.optim.SGD(candidate.parameters(), lr=1e-4)
+        step = _model_step(candidate, _input(shape, settings, layout, False), labels, mode,
+                           _autocast(settings, dtype), optimizer)
+        row = dict(base, provider=provider)
+        if settings.on_gpu:
+            row = measure_gpu(row, lambda seed, s=step: s, settings, compiled=provider == "compile",
+                              input_bytes=None)
+            if row.get("ms"):
                 row["images_per_s"] = shape[0] / (row["ms"] * 1e-3)
-            rows.append(row)
-        if not settings.on_gpu:
-            _model_errors(rows[-len(settings.providers):], model, shape, labels, mode, layout, dtype, settings)
-        bar.update(1)
-    bar.close()
+        elif provider == "fusedres":
+            row.update(timer="interpreter (not timed)", note=INTERPRETER_NOTE)
+        else:
+            row = measure_cpu(row, step, settings)
+            row["images_per_s"] = shape[0] / (row["ms"] * 1e-3)
+        rows.append(row)
+    if not settings.on_gpu:
+        _model_errors(rows, model, shape, labels, mode, layout, dtype, settings)
     return rows
 
 

@@ -15,8 +15,10 @@ import datetime
 import os
 import pathlib
 import re
+import signal
 import sys
 import time
+from typing import Iterable
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # fusedres.functional.ACTIVATIONS, written out: the options are parsed before triton may be imported.
@@ -61,7 +63,8 @@ def _choose(option: str, given: str, allowed) -> list[str]:
     return chosen
 
 
-def _run_suite(suite: str, settings, options, out: pathlib.Path) -> list[dict]:
+def _run_suite(suite: str, settings, options, out: pathlib.Path) -> Iterable[dict]:
+    """The suite's rows, each as soon as it is measured."""
     if suite == "ops":
         from .ops_suite import run_ops
 
@@ -126,22 +129,48 @@ def main(argv=None) -> int:
         from .timing import copy_bandwidth_gbps
 
         copy_gbps = copy_bandwidth_gbps(device)
-    rows = []
-    for suite in suites:
-        try:
-            rows += _run_suite(suite, settings, options, out)
-        except ImportError as missing:  # e.g. torchvision or scikit-learn not installed: skip that level only
-            print(f"fusedres-bench: skipping the {suite} suite: {missing}", file=sys.stderr)
-    report.add_derived(rows, copy_gbps)
     cpu_run = ((["eager timed on the CPU; fusedres run in Triton's interpreter, checked against eager, not timed"]
                 if set(suites) - {"kernels"} else [])
                + (["kernels predicted by the model"] if "kernels" in suites else []))
     where = env["device"] if on_gpu else "CPU run: " + "; ".join(cpu_run)
-    summary = report.write_all(rows, env, out, copy_gbps=copy_gbps, title=f"fusedres-bench · {where}")
-    print(summary)
-    print(f"fusedres-bench: {len(rows)} rows in {time.time() - started:.0f} s -> {out}/ results.json, "
-          f"results.csv, summary.md, speedup.png" + (", numerics.png" if "numerics" in suites else ""))
-    return 0
+    # Every row is appended to rows.jsonl as it is measured, and the results are written however the run ends
+    # (Ctrl-C, or the SIGINT/SIGTERM of a time limit, included): a run cut short keeps what it measured.
+    rows, interrupted = [], None
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with report.RowLog(out / "rows.jsonl") as log:
+            for suite in suites:
+                try:
+                    for row in _run_suite(suite, settings, options, out):
+                        rows.append(row)
+                        log.append(row)
+                except ImportError as missing:  # e.g. torchvision or scikit-learn missing: skip that level only
+                    print(f"fusedres-bench: skipping the {suite} suite: {missing}", file=sys.stderr)
+                except Exception as error:  # a suite's own failure (its cases' are rows): the next suite runs
+                    failure = f"the {suite} suite failed: {type(error).__name__}: {str(error)[:300]}"
+                    print(f"fusedres-bench: {failure}", file=sys.stderr)
+                    row = dict(level=suite, op="(suite)", mode="", shape="", dtype="", layout="", provider="(suite)",
+                               note=failure)
+                    rows.append(row)
+                    log.append(row)
+    except KeyboardInterrupt as stop:
+        interrupted = f"interrupted ({str(stop) or 'SIGINT'}) after {len(rows)} rows"
+        print(f"\nfusedres-bench: {interrupted}; writing what was measured", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        report.add_derived(rows, copy_gbps)
+        title = f"fusedres-bench · {where}" + (f" · {interrupted}" if interrupted else "")
+        summary = report.write_all(rows, env, out, copy_gbps=copy_gbps, title=title)
+        print(summary)
+        print(f"fusedres-bench: {len(rows)} rows in {time.time() - started:.0f} s -> {out}/ rows.jsonl, "
+              f"results.json, results.csv, summary.md, speedup.png" + (", numerics.png" if "numerics" in suites
+                                                                       else ""))
+    return 130 if interrupted else 0
+
+
+def _interrupt(signum, frame):
+    """SIGTERM as SIGINT: unwind, so that the results are written (``timeout`` sends TERM by default)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ def cpu_name() -> str:
     return f"{name}, {usable_cores()} cores"
 
 
+def git_commit(where: pathlib.Path) -> str:
+    """The commit measured: ``FUSEDRES_COMMIT`` when set (bench/gpu_check.sh sets it, ``-dirty`` included, also in a
+    copy without .git), else git's HEAD."""
+    return os.environ.get("FUSEDRES_COMMIT") or _run("git", "rev-parse", "--short=12", "HEAD", cwd=where) or "unknown"
+
+
 def collect(device: torch.device) -> dict:
     import triton
 
@@ -58,7 +64,7 @@ def collect(device: torch.device) -> dict:
         "triton": triton.__version__,
         "cudnn": str(torch.backends.cudnn.version()) if on_gpu else "",
         "fusedres": fusedres.__version__,
-        "git_commit": _run("git", "rev-parse", "--short=12", "HEAD", cwd=here) or "unknown",
+        "git_commit": git_commit(here),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

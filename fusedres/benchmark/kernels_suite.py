@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -149,9 +149,10 @@ def _guarded(half: str, cases: list[dict], fields: Callable[[], list[dict]]) -> 
         return [dict(note=failure)] * len(cases)
 
 
-def run_kernels(settings: Settings, batch: int) -> list[dict]:
+def run_kernels(settings: Settings, batch: int) -> Iterator[dict]:
     """One row per op, mode, site, dtype and layout at ``batch`` (meta tensors: the prediction costs nothing at
-    full size), every field a prediction; on a GPU, fusedres timed as well (``ms``)."""
+    full size), every field a prediction; on a GPU, fusedres timed as well (``ms``), each row given as soon as it
+    is measured."""
     cases = kernel_cases(settings.dtypes, settings.layouts, batch, settings.quick)
     jobs = usable_cores()
     compiled = _guarded("compile", cases, lambda: _in_child("compile", cases, jobs))
@@ -163,13 +164,17 @@ def run_kernels(settings: Settings, batch: int) -> list[dict]:
         counted = _guarded("count", cases, lambda: _in_child("count", cases, jobs))
     rows = [_row(case, compiled_here, counted_here) for case, compiled_here, counted_here
             in zip(cases, compiled, counted)]
-    if settings.on_gpu and "fusedres" in settings.providers:
-        bar = progress(len(cases), "kernels (timed)")
+    if not (settings.on_gpu and "fusedres" in settings.providers):
+        yield from rows
+        return
+    bar = progress(len(cases), "kernels (timed)")
+    try:
         for case, row in zip(cases, rows):
             _measure(row, case, settings)
+            yield row
             bar.update(1)
+    finally:
         bar.close()
-    return rows
 
 
 def _row(case: dict, compiled: dict, counted: dict) -> dict:

@@ -3,12 +3,14 @@ batch-norm shapes, for each provider, interleaved case by case; ``--activation``
 ReLU's place (the rows then name it: batch_norm_silu, batch_norm_add_silu, add_silu)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from .cases import (MODES, OPS, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable,
                     op_label)
-from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
-                     progress)
+from .runner import (INTERPRETER_NOTE, Settings, case_rows, dtype_name, fresh_compile, max_error, measure_cpu,
+                     measure_gpu, progress)
 
 QUICK_SITES = [(64, 56, "relu", 6), (256, 14, "relu", 11), (512, 28, "add_relu", 4), (2048, 7, "add_relu", 3)]
 
@@ -23,21 +25,23 @@ def op_shapes(op: str, batch_size: int, on_gpu: bool, quick: bool) -> list[tuple
     return [(batch_size, c, hw, hw) for c, hw in dict.fromkeys(sites)]
 
 
-def run_ops(settings: Settings, ops=OPS, modes=MODES) -> list[dict]:
+def run_ops(settings: Settings, ops=OPS, modes=MODES) -> Iterator[dict]:
+    """The rows of each case as soon as it is measured."""
     cases = [(op, shape, dtype, layout, mode) for op in ops for dtype in settings.dtypes
              for layout in settings.layouts for shape in op_shapes(op, settings.batch_size, settings.on_gpu,
                                                                    settings.quick) for mode in modes]
     bar = progress(len(cases), "ops")
-    rows = []
-    for op, shape, dtype, layout, mode in cases:
-        base = dict(level="op", op=op_label(op, settings.activation), mode=mode, shape="x".join(map(str, shape)),
-                    dtype=dtype_name(dtype),
-                    layout=layout, floor_bytes=floor_bytes(op, mode, shape, dtype, settings.activation))
-        spec = (op, mode, shape, dtype, layout == "channels_last")
-        rows += _gpu_rows(base, spec, settings) if settings.on_gpu else _cpu_rows(base, spec, settings)
-        bar.update(1)
-    bar.close()
-    return rows
+    try:
+        for op, shape, dtype, layout, mode in cases:
+            base = dict(level="op", op=op_label(op, settings.activation), mode=mode,
+                        shape="x".join(map(str, shape)), dtype=dtype_name(dtype), layout=layout,
+                        floor_bytes=floor_bytes(op, mode, shape, dtype, settings.activation))
+            spec = (op, mode, shape, dtype, layout == "channels_last")
+            yield from case_rows(base, lambda: _gpu_rows(base, spec, settings) if settings.on_gpu
+                                 else _cpu_rows(base, spec, settings))
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def _inputs(spec, device, seed=0):

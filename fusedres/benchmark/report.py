@@ -1,10 +1,11 @@
-"""Writing results: JSON and CSV (one row per level, op, mode, shape, dtype, layout, provider, each with the
-environment), a markdown summary (the timings in one table, the kernels suite's predictions in another; columns
-empty on every row left out), and a PNG plot."""
+"""Writing results: rows.jsonl as they are measured; at the end JSON and CSV (one row per level, op, mode, shape,
+dtype, layout, provider, each with the environment), a markdown summary (the timings in one table, the kernels
+suite's predictions in another; columns empty on every row left out), and a PNG plot."""
 from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 from typing import Callable
 
@@ -18,6 +19,26 @@ ROW_FIELDS = ["level", "op", "mode", "shape", "dtype", "layout", "provider", "ms
               "floor_bytes", "gbps", "pct_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "images_per_s",
               "peak_mem_mb", "compile_s", "max_abs_error", *KERNEL_FIELDS, "note"]
 ENV_FIELDS = ["device", "driver", "cuda", "torch", "triton", "cudnn", "fusedres", "git_commit", "python", "date"]
+
+
+class RowLog:
+    """``rows.jsonl``: one JSON line per row, appended and flushed as each is measured, so that a run killed before
+    its end still leaves its rows."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def __enter__(self) -> "RowLog":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w")
+        return self
+
+    def append(self, row: dict) -> None:
+        self.file.write(json.dumps({k: row.get(k) for k in ROW_FIELDS}) + "\n")
+        self.file.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def add_derived(rows: list[dict], copy_gbps: float | None) -> None:
@@ -51,8 +72,9 @@ def write_all(rows: list[dict], environment: dict, out: pathlib.Path, *, copy_gb
               title: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     full = [{**{k: row.get(k) for k in ROW_FIELDS}, **environment} for row in rows]
-    (out / "results.json").write_text(json.dumps({"environment": environment, "copy_gbps": copy_gbps,
-                                                  "rows": full}, indent=1))
+    partial = out / "results.json.partial"  # moved into place whole: a run killed while writing leaves no half file
+    partial.write_text(json.dumps({"environment": environment, "copy_gbps": copy_gbps, "rows": full}, indent=1))
+    os.replace(partial, out / "results.json")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROW_FIELDS + ENV_FIELDS)
         writer.writeheader()

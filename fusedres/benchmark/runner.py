@@ -51,6 +51,17 @@ def progress(total: int, what: str):
         return Plain()
 
 
+def case_rows(base: dict, rows: Callable[[], list[dict]]) -> list[dict]:
+    """``rows()``, the rows of one case; if the case fails, one row naming the failure instead: one case must not
+    end the suite (an interrupt still does)."""
+    try:
+        return rows()
+    except Exception as error:
+        return [dict(base, provider="(case)", note=f"{base['level']} {base['op']} {base['mode']} {base['shape']} "
+                                                   f"{base['dtype']} {base['layout']} failed: "
+                                                   f"{type(error).__name__}: {str(error)[:200]}")]
+
+
 def fresh_compile(fn: Callable) -> Callable:
     """torch.compile as docs/design.md says: default mode, static shapes, a clean cache per case so that the
     recompile limit never silently turns it into eager."""

@@ -33,6 +33,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 _INT32_LIMIT = 2**31
 _force_int64 = False
+_poison_scratch = False
 _observers: list = []
 
 
@@ -83,6 +84,26 @@ def forced_int64():
         yield
     finally:
         _force_int64 = previous
+
+
+@contextlib.contextmanager
+def poisoned_scratch():
+    """Fill every launch's scratch (the partial rows of the last-program merges) with NaN before the launch, so
+    that a merge reading a row its writer has not stored yet shows NaN instead of the bits of an earlier call that
+    the caching allocator happened to hand back (for tests; the suite runs under it)."""
+    global _poison_scratch
+    previous, _poison_scratch = _poison_scratch, True
+    try:
+        yield
+    finally:
+        _poison_scratch = previous
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-launch scratch: every element is written by the launch before it is read (NaN-filled under
+    ``poisoned_scratch``)."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    return buffer.fill_(float("nan")) if _poison_scratch and buffer.dtype.is_floating_point else buffer
 
 
 @contextlib.contextmanager

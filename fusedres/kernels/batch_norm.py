@@ -26,7 +26,7 @@ import triton.language as tl
 from .activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation
 from . import _launch
 from ._launch import (ChannelGeometry, TilePlan, accumulator_dtype, fp32_parts, from_fp32_parts, launch,
-                      needs_int64, plan_tiles, stride_alignment, ticket_counters)
+                      needs_int64, plan_tiles, scratch, stride_alignment, ticket_counters)
 
 # ----------------------------------------------------------------------------------------------------------
 # The walk: where a program's channels and chunks are, and how a tile is read and written.
@@ -169,7 +169,10 @@ def _last_to_finish(ticket_ptr, programs):
     (``mark_block_finished``) and apex's Welford ``c_last``: a barrier, so that every thread's partial-row
     stores come before the ticket; an acq_rel ticket at GPU scope, so that they are visible to the program
     that draws the last ticket. That program sets the counter back to zero for the next launch on the stream.
-    Its partial-row loads bypass L1 (``.cg``). The counters are integers: no float atomics anywhere."""
+    The acquire alone orders its partial-row loads after every other program's stores (sm_90: ``CCTL.IVALL``
+    invalidates L1 after the atomic); those loads are also ``.cg`` (cached in L2 only, where every SM's stores
+    land), so that no stale L1 line can be read whatever the lowering of the acquire.
+    The counters are integers: no float atomics anywhere."""
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     last = ticket == programs - 1
@@ -199,9 +202,9 @@ def _merge_statistics(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.con
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = (offs_s < splits)[:, None] & mask_c[None, :]
         offs = offs_s[:, None] * channels + offs_c[None, :]
-        part_count = tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        part_mean = tl.load(partial_ptr + rows + offs, mask=mask, other=0.0)
-        part_m2 = tl.load(partial_ptr + 2 * rows + offs, mask=mask, other=0.0)
+        part_count = tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_mean = tl.load(partial_ptr + rows + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_m2 = tl.load(partial_ptr + 2 * rows + offs, mask=mask, other=0.0, cache_modifier=".cg")
         block_count = tl.sum(part_count, axis=0)
         block_mean = tl.sum(part_count * part_mean, axis=0) / tl.maximum(block_count, 1.0)
         deviation = tl.where(mask, part_mean - block_mean[None, :], 0.0)
@@ -221,8 +224,9 @@ def _merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = (offs_s < splits)[:, None] & mask_c[None, :]
         offs = offs_s[:, None] * channels + offs_c[None, :]
-        first += tl.sum(tl.load(partial_ptr + offs, mask=mask, other=0.0), axis=0)
-        second += tl.sum(tl.load(partial_ptr + rows + offs, mask=mask, other=0.0), axis=0)
+        first += tl.sum(tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        second += tl.sum(tl.load(partial_ptr + rows + offs, mask=mask, other=0.0, cache_modifier=".cg"),
+                        axis=0)
     return first, second
 
 
@@ -629,8 +633,8 @@ def bn_batch_stats(x, mean_out, var_out, running_mean=None, running_var=None, *,
     momentum_hi, momentum_lo = fp32_parts(momentum)
     launch(_bn_stats_kernel, plan.grid, dict(
         # partial rows in the accumulator's dtype (the merge's loop keeps one type), whatever mean_out's
-        x_ptr=x, partial_ptr=torch.empty((3, plan.splits, geometry.channels),
-                                         dtype=torch.float64 if acc == tl.float64 else torch.float32, device=x.device),
+        x_ptr=x, partial_ptr=scratch((3, plan.splits, geometry.channels),
+                                     torch.float64 if acc == tl.float64 else torch.float32, x.device),
         ticket_ptr=ticket_counters(x.device, plan.channel_blocks), mean_ptr=mean_out, var_ptr=var_out,
         **_vector_args(running_mean=running_mean, running_var=running_var),
         num_batches_tracked_ptr=num_batches_tracked, momentum=momentum_hi, momentum_residue=momentum_lo,
@@ -684,8 +688,7 @@ def bn_act_backward_reduce(grad_y, x, mean, var, weight, bias, eps: float, *, su
     launch(_bn_backward_reduce_kernel, plan.grid, dict(
         grad_y_ptr=grad_y, x_ptr=x, pre_ptr=pre, grad_z_ptr=grad_z_out, grad_x_ptr=grad_x_out,
         **_vector_args(mean=mean, var=var, weight=weight, bias=bias), **_eps_args(eps), **_slope_args(slope),
-        partial_ptr=torch.empty((2, plan.splits if need_sums else 0, geometry.channels), dtype=sums_out.dtype,
-                                device=x.device),
+        partial_ptr=scratch((2, plan.splits if need_sums else 0, geometry.channels), sums_out.dtype, x.device),
         ticket_ptr=ticket_counters(x.device, plan.channel_blocks), sums_ptr=sums_out,
         grad_weight_ptr=grad_weight_out, grad_bias_ptr=grad_bias_out,
         **_walk_args(geometry, plan, dict(grad_y=grad_y, x=x, pre=pre if pre is not None else grad_z_out)),

@@ -321,6 +321,8 @@ class KernelAnalysis:
     loop_load_widths: dict[int, int]  # those of the loads inside a loop (a backward branch's range) before the
     #                                   first atomic (after it: a last-program merge, reading partial rows)
     loop_store_widths: dict[int, int]  # likewise for the stores
+    merge_loads: dict[str, int] = field(default_factory=dict)  # opcode -> instructions of the loads in the loops
+    #                                after the first atomic: a last-program merge reading other programs' rows
     local_accesses: dict[str, int] = field(default_factory=dict)  # LDL/STL opcode -> instructions
     atomics: dict[str, int] = field(default_factory=dict)  # ATOMG/ATOM/RED/REDG opcode -> instructions
     occupancy: Occupancy | None = None  # None where SM_LIMITS does not know the capability
@@ -350,14 +352,17 @@ def analyse(compiled: CompiledKernel) -> KernelAnalysis:
     loops = _loop_ranges(instructions)
     # A last-program merge comes after the ticket (the first atomic): its loops read partial rows, not activations.
     atomics_at = [address for address, opcode, _ in instructions if opcode.split(".")[0] in _ATOMICS]
+    merge_loops = [(first, last) for first, last in loops if atomics_at and first > atomics_at[0]]
     if atomics_at:
         loops = [(first, last) for first, last in loops if first < atomics_at[0]]
+    merge_loads = Counter()
     for address, opcode, _ in instructions:
         base = opcode.split(".")[0]
         in_loop = any(first <= address <= last for first, last in loops)
         if base in _GLOBAL_LOADS:
             loads[_access_width(opcode)] += 1
             loop_loads[_access_width(opcode)] += in_loop
+            merge_loads[opcode] += any(first <= address <= last for first, last in merge_loops)
         elif base in _GLOBAL_STORES:
             stores[_access_width(opcode)] += 1
             loop_stores[_access_width(opcode)] += in_loop
@@ -375,7 +380,7 @@ def analyse(compiled: CompiledKernel) -> KernelAnalysis:
                           store_widths=dict(sorted(stores.items())),
                           loop_load_widths={bits: n for bits, n in sorted(loop_loads.items()) if n},
                           loop_store_widths={bits: n for bits, n in sorted(loop_stores.items()) if n},
-                          local_accesses=dict(local),
+                          merge_loads={opcode: n for opcode, n in merge_loads.items() if n}, local_accesses=dict(local),
                           atomics=dict(atomics), occupancy=occupancy)
 
 
