@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import seed
-from .modules import BatchNormReLU2d, fuse_activation_module, fused_site
+from .modules import BatchNormReLU2d, fuse_activation_module, fused_site, refuse_scripting
 
 __all__ = ["BasicBlock", "ProjectionBlock", "BottleneckBlock", "PreActBlock", "SmallResNet"]
 
@@ -22,6 +22,7 @@ class _FusedSeedBlock:
     _fusedres_unfused_class: type
     relu_sites: tuple[int, ...] = ()
     add_site: int | None = None
+    __prepare_scriptable__ = refuse_scripting
 
     @classmethod
     def fuse(cls, block: nn.Module) -> nn.Module:
@@ -36,7 +37,7 @@ class _FusedSeedBlock:
         modules = list(self.residual)
         for module in modules[:self.add_site]:
             x = module(x)
-        return fused_site(modules[self.add_site], x, shortcut)
+        return fused_site(modules[self.add_site], x, shortcut, activation_module=self.activation)
 
 
 class BasicBlock(_FusedSeedBlock, seed.BasicBlock):

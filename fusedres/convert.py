@@ -18,16 +18,22 @@ one with the identity for activation can then take the add that follows it. Then
   ``fusedres.modules.fused_site``, and the module's class becomes an importable subclass of its own
   (``fusedres.converted``): it stays an instance of its original class, and pickles.
 
-A forward that cannot be traced, or that reads ``self.training`` or other run-time switches (tracing would
-freeze them), is not rewritten; its sites are named in the report. So is anything between the batch-norm and
-the add that is not an identity (stochastic depth, drop-path with a non-zero rate, squeeze-excitation): such
-sites are not sites. The seed's eager blocks (``fusedres.seed``) become fusedres's fused blocks. Parameters and
-buffers are the same objects, so the state_dict is unchanged and, with ``inplace=True``, an optimizer built
-before conversion keeps working.
+A forward that cannot be traced, or that reads ``self.training`` or other run-time switches (in its own source or
+in a method it calls: tracing would freeze them), is not rewritten; its sites are named in the report. Every
+other attribute of the block the trace read (a flag, a rate, an optional submodule that was None) is recorded,
+and the converted forward falls back to the original one when it differs at call time
+(``fusedres.converted.ConvertedForward``). Anything between the batch-norm and the add that is not an identity
+(stochastic depth, drop-path with a non-zero rate, squeeze-excitation) makes the site no site. What each site
+checks at call time (a replaced or hooked module, the residual's shape) is ``fusedres.modules``'. The seed's
+eager blocks (``fusedres.seed``) become fusedres's fused blocks. Parameters and buffers are the same objects, so
+the state_dict is unchanged and, with ``inplace=True``, an optimizer built before conversion keeps working.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import enum
+import importlib
 import inspect
 import operator
 import re
@@ -42,7 +48,7 @@ from .blocks import FUSED_SEED_CLASSES
 from .converted import ConvertedForward, fused_class
 from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU,
                       ActivationFusedAway, BatchNormAct2d, SyncBatchNormAct2d, describe_activation,
-                      fuse_activation_module, fused_class_for, fused_site)
+                      fuse_activation_module, fused_class_for, fused_site, site_pattern)
 
 __all__ = ["convert", "revert", "conversion_report", "convert_sync_batchnorm"]
 
@@ -53,6 +59,7 @@ _ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu"
                          F.gelu: "gelu", F.hardswish: "hardswish", F.mish: "mish"}
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 _TIMM_BATCH_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
+_TIMM_SYNC_BATCH_NORM_ACT = ("timm.layers.norm_act", "SyncBatchNormAct")
 _PLAIN_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # what a site's batch-norm may be before fusion
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -77,6 +84,71 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return not _traced_through(module)
+
+
+# nn.Module's own instance attributes (hooks, registries, flags), but the training flag: reads of these during a
+# trace are the machinery's, not the forward's.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, enum.Enum)
+
+
+@dataclass
+class _Reads:
+    """What a trace read from the traced module's own attributes: ``frozen``, name -> the value the trace used
+    (plain values, containers of them, tensors that are not parameters or buffers, optional submodules that were
+    None); ``methods``, the module's own methods it called."""
+
+    frozen: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)
+
+    def note(self, module: nn.Module, name: str, value) -> None:
+        if name.startswith("__") or name in _MODULE_INTERNALS or name in self.frozen:
+            return
+        registered = name in module._modules or name in module._parameters or name in module._buffers
+        if registered:
+            if value is None:
+                self.frozen[name] = None
+        elif isinstance(value, torch.Tensor):
+            self.frozen[name] = value  # a constant of the trace, compared by identity
+        elif inspect.ismethod(value):
+            function = value.__func__
+            if not getattr(function, "__module__", "").startswith("torch."):
+                self.methods[name] = function
+        elif isinstance(value, _PLAIN_VALUES) or _plain_container(value):
+            self.frozen[name] = copy.deepcopy(value)
+
+
+def _plain_container(value) -> bool:
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(isinstance(v, _PLAIN_VALUES) or _plain_container(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain_container((k, v)) for k, v in value.items())
+    return False
+
+
+@contextlib.contextmanager
+def _recording_reads(module: nn.Module, reads: _Reads):
+    """While inside, ``module`` notes in ``reads`` every attribute read from it (its class swapped for a
+    subclass that records)."""
+    original = type(module)
+
+    def __getattribute__(self, name):
+        value = original.__getattribute__(self, name)
+        reads.note(self, name, value)
+        return value
+
+    def __getattr__(self, name):
+        value = original.__getattr__(self, name)
+        reads.note(self, name, value)
+        return value
+
+    module.__class__ = type(original.__name__, (original,), {"__getattribute__": __getattribute__,
+                                                             "__getattr__": __getattr__,
+                                                             "__module__": original.__module__})
+    try:
+        yield reads
+    finally:
+        module.__class__ = original
 
 
 @dataclass
@@ -148,7 +220,8 @@ def _is_site_batch_norm(module: nn.Module) -> bool:
     residual yet: it can take the add that follows it, and the activation after that."""
     if type(module) in _PLAIN_BATCH_NORMS:
         return True
-    return (type(module) is BatchNormAct2d and "_fusedres_original_class" in module.__dict__
+    original = module.__dict__.get("_fusedres_original_class")
+    return (isinstance(module, BatchNormAct2d) and original is not None and _is_timm_batch_norm_act_class(original)
             and module.activation == "identity" and module.fused_pattern == BATCH_NORM_ACT)
 
 
@@ -223,13 +296,16 @@ def _swappable(site: _Site, owner: nn.Module, calls: dict[str, int], holders: di
 
 
 def _rewrite_forward(owner: nn.Module, graph: fx.Graph, sites: list[_Site]) -> str:
-    """The source of owner's forward with each site replaced by one fused_site call."""
+    """The source of owner's forward with each site replaced by one fused_site call (an activation module is
+    passed to it, looked up at call time, so that a replaced or hooked one is seen)."""
     for site in sites:
         with graph.inserting_before(site.end):
             batch_norm = graph.get_attr(site.batch_norm.target)
             args = (batch_norm, site.batch_norm.args[0], site.shortcut if site.add is not None else None)
-            fused = graph.call_function(fused_site, args, dict(activation=site.activation,
-                                                               negative_slope=site.negative_slope))
+            kwargs = dict(activation=site.activation, negative_slope=site.negative_slope)
+            if site.act is not None and site.act.op == "call_module":
+                kwargs["activation_module"] = graph.get_attr(site.act.target)
+            fused = graph.call_function(fused_site, args, kwargs)
         site.end.replace_all_uses_with(fused)
         for node in dict.fromkeys([site.end, site.act, site.add, *reversed(site.identities), site.batch_norm]):
             if node is not None:
@@ -242,14 +318,21 @@ def _rewrite_forward(owner: nn.Module, graph: fx.Graph, sites: list[_Site]) -> s
     return _format_import_block(code.globals, sys_importer) + code.src
 
 
-def _forward_is_rewritable(module: nn.Module) -> str | None:
-    """None if the forward may be replaced by its trace, else why not."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return "its forward's source is unavailable"
-    switch = _RUNTIME_SWITCHES.search(source)
-    return None if switch is None else f"its forward reads {switch.group(0)!r}, which a trace would freeze"
+def _forward_is_rewritable(module: nn.Module, reads: _Reads) -> str | None:
+    """None if the forward may be replaced by its trace, else why not: a run-time switch read by the forward or a
+    method of the module it called (tracing would freeze it), in its source or during the trace."""
+    if "training" in reads.frozen:
+        return "it reads self.training (in its forward or a method it calls), which a trace would freeze"
+    for where, function in (("its forward", type(module).forward), *((f"its method {name}", method)
+                                                                    for name, method in reads.methods.items())):
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            return f"the source of {where} is unavailable"
+        switch = _RUNTIME_SWITCHES.search(source)
+        if switch is not None:
+            return f"{where} reads {switch.group(0)!r}, which a trace would freeze"
+    return None
 
 
 def _owns_batch_norm(module: nn.Module) -> bool:
@@ -261,8 +344,10 @@ def _owns_batch_norm(module: nn.Module) -> bool:
 
 def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: list) -> None:
     label = name or "<model>"
+    reads = _Reads()
     try:
-        graph = _Tracer().trace(module)
+        with _recording_reads(module, reads):
+            graph = _Tracer().trace(module)
     except Exception as error:  # any reason a forward cannot be traced
         if _owns_batch_norm(module):
             not_analysed.append((name, f"{label} ({type(module).__name__}): not traceable: "
@@ -273,7 +358,7 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
     if not sites:
         return
     swappable = [s for s in sites if _swappable(s, module, calls, holders)]
-    reason = None if len(swappable) == len(sites) else _forward_is_rewritable(module)
+    reason = None if len(swappable) == len(sites) else _forward_is_rewritable(module, reads)
     if len(swappable) == len(sites) or reason is not None:
         for site in swappable:
             parent = module.get_submodule(_parent_and_name(site.batch_norm.target)[0])
@@ -288,13 +373,19 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
         batch_norm = module.get_submodule(site.batch_norm.target)
         fused_class_for(batch_norm, site.activation).fuse(batch_norm, site.activation, site.negative_slope,
                                                           with_residual=site.add is not None)
+    module.__dict__["_fusedres_site_batch_norms"] = [site.batch_norm.target for site in sites]
     source = _rewrite_forward(module, graph, sites)
     module.__class__ = fused_class(type(module))
+    module.__dict__["_fusedres_frozen"] = reads.frozen
     module.set_forward_source(source)
 
 
+def _is_timm_batch_norm_act_class(kind: type) -> bool:
+    return (kind.__module__, kind.__name__) in (_TIMM_BATCH_NORM_ACT, _TIMM_SYNC_BATCH_NORM_ACT)
+
+
 def _is_timm_batch_norm_act(module: nn.Module) -> bool:
-    return (type(module).__module__, type(module).__name__) == _TIMM_BATCH_NORM_ACT
+    return _is_timm_batch_norm_act_class(type(module))
 
 
 def _timm_unfusable_reason(module: nn.Module) -> str | None:
@@ -375,8 +466,9 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for module in list(model.modules()):
         unfused = getattr(type(module), "_fusedres_unfused_class", None)
         if unfused is not None:
-            module.__dict__.pop("_fusedres_forward_source", None)
-            module.__dict__.pop("_fusedres_forward", None)
+            for attribute in ("_fusedres_forward_source", "_fusedres_forward", "_fusedres_frozen",
+                              "_fusedres_site_batch_norms"):
+                module.__dict__.pop(attribute, None)
             module.__class__ = unfused
         if isinstance(module, BatchNormAct2d) and "_fusedres_original_class" in module.__dict__:
             BatchNormAct2d.unfuse(module)
@@ -406,14 +498,24 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return _synchronize(module, process_group)
 
 
+def _synchronized_original(module: nn.Module) -> type:
+    """The class ``revert`` should give back for a batch-norm that convert_sync_batchnorm synchronizes: what
+    torch's (or timm's) converter would have made of it."""
+    original = module.__dict__.get("_fusedres_original_class", type(module))
+    if (original.__module__, original.__name__) == _TIMM_BATCH_NORM_ACT:
+        return getattr(importlib.import_module(_TIMM_SYNC_BATCH_NORM_ACT[0]), _TIMM_SYNC_BATCH_NORM_ACT[1])
+    return nn.SyncBatchNorm if original is nn.BatchNorm2d else original
+
+
 def _synchronize(module: nn.Module, process_group) -> nn.Module:
     """``module`` (or what replaces it) with its batch-norms synchronized over ``process_group``."""
     if _is_timm_batch_norm_act(module):
         _convert_timm_batch_norm_act("", module, [])
     if type(module) is nn.BatchNorm2d:
-        SyncBatchNormAct2d.fuse(module, "identity")
+        SyncBatchNormAct2d.fuse(module, "identity", original=nn.SyncBatchNorm)
     elif isinstance(module, BatchNormAct2d) and not isinstance(module, SyncBatchNormAct2d):
-        SyncBatchNormAct2d.fuse(module, module.activation, module.negative_slope,
+        stored = module.__dict__.get("_fusedres_activation", module._fusedres_activation)
+        SyncBatchNormAct2d.fuse(module, *stored, original=_synchronized_original(module),
                                 with_residual=module.fused_pattern in (BATCH_NORM_ADD_RELU, BATCH_NORM_ADD_ACT))
     if isinstance(module, SyncBatchNormAct2d):
         module.__dict__["process_group"] = process_group
@@ -432,8 +534,20 @@ def conversion_report(model: nn.Module) -> dict[str, list[str]]:
     ``batch_norm_add_act``; ``"not_analysed"`` -> what ``convert`` had to leave, and why."""
     report: dict[str, list[str]] = {BATCH_NORM_RELU: [], BATCH_NORM_ADD_RELU: [], BATCH_NORM_ACT: [],
                                     BATCH_NORM_ADD_ACT: []}
+    unfused = []
     for name, module in model.named_modules():
-        if isinstance(module, BatchNormAct2d):
-            report.setdefault(module.fused_pattern, []).append(name)
-    report[NOT_ANALYSED] = list(model.__dict__.get("_fusedres_not_analysed", []))
+        if not isinstance(module, BatchNormAct2d):
+            continue
+        pattern = module.fused_pattern
+        if pattern in (BATCH_NORM_RELU, BATCH_NORM_ACT) and ("act" in module._modules
+                                                             or "_fusedres_partner" in module.__dict__):
+            # what it applies on its own, read now (its act module, or the activation module fused into it)
+            if module.own_activation() is None or ("_fusedres_partner" in module.__dict__
+                                                   and not module.fuses_partner()):
+                unfused.append(f"{name or '<model>'}: its activation runs unfused now (an activation fusedres does "
+                               f"not fuse, a replaced activation module, or a hook)")
+                continue
+            pattern = site_pattern(module.activation, False)
+        report.setdefault(pattern, []).append(name)
+    report[NOT_ANALYSED] = list(model.__dict__.get("_fusedres_not_analysed", [])) + unfused
     return report

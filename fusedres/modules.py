@@ -2,14 +2,24 @@
 timm's ``BatchNormAct2d`` signature and state_dict), ``BatchNormReLU2d`` (the same with ReLU) and ``AddReLU``, plus
 the pieces conversion leaves in a model: ``ActivationFusedAway``, standing where an activation module was fused
 into the batch-norm before it, and ``fused_site``, through which rewritten forwards call their fused batch-norms.
-Both stay exact if a tool later swaps the fused batch-norm for another module (SyncBatchNorm, a frozen
-batch-norm): they then run batch-norm, add and activation unfused, and warn once."""
+
+A converted model must keep computing what the original would whatever is done to it later (docs/design.md,
+"Conversion"), so every fused site decides at call time, from what it finds then, whether it can run fused: the
+activation is read from the activation module when there is one (a module replaced, or an attribute such as
+``negative_slope`` changed, is seen), a residual must have the batch-norm output's shape, and no hook may be
+watching the modules the fusion would skip (a hook on the batch-norm, on the activation module, or a global
+one). Otherwise the site runs unfused, each module called as the original forward called it, hooks firing as
+they would; a tool that swapped the fused batch-norm for another module (SyncBatchNorm, a frozen batch-norm)
+gets the same, with a warning. Under torch.fx symbolic tracing (``create_feature_extractor``) the fused modules
+record themselves as one call each (``_fx_leaf``)."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import warnings
 from typing import Any, Optional
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from . import distributed
 from . import functional as FF
@@ -67,7 +77,9 @@ def describe_activation(act: Any) -> tuple[str, float] | None:
 
 
 def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_act: bool) -> nn.Module:
-    """The activation module timm's BatchNormAct2d would hold (``act``), from a class, a name or a module."""
+    """The activation module timm's BatchNormAct2d would hold (``act``), built as timm builds it: a name through
+    timm's own table when timm is installed (else the torch module of that name), a class with
+    ``inplace`` and ``act_kwargs`` (without ``inplace`` if it takes none), an instance as it is."""
     if not apply_act or act_layer is None:
         return nn.Identity()
     if isinstance(act_layer, nn.Module):
@@ -77,7 +89,9 @@ def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_
         if described is None:
             raise ValueError(f"BatchNormAct2d: unsupported activation {act_layer!r}; supported: "
                              f"{', '.join(FF.ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
-        return _ACTIVATION_MODULES[described[0]](**(act_kwargs or {}))
+        act_layer = _timm_activation_class(act_layer) or _ACTIVATION_MODULES[described[0]]
+        if act_layer is None:  # timm's name for no activation
+            return nn.Identity()
     kwargs = {"inplace": inplace, **(act_kwargs or {})}  # as timm passes it; meaningless once fused
     try:
         return act_layer(**kwargs)
@@ -86,9 +100,73 @@ def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_
         return act_layer(**kwargs)
 
 
+def _timm_activation_class(name: str):
+    """timm's class for the activation ``name`` (timm.layers.get_act_layer), or None without timm or the name."""
+    try:
+        from timm.layers import get_act_layer
+    except ImportError:
+        return None
+    try:
+        return get_act_layer(name) or nn.Identity
+    except KeyError:
+        return None
+
+
+class _GELUTanh(nn.GELU):
+    """nn.GELU with the tanh approximation, built as the other classes are (timm's GELUTanh when timm exists)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__(approximate="tanh")
+
+
 _ACTIVATION_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
-                       "silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-                       "hardswish": nn.Hardswish, "mish": nn.Mish}
+                       "silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": _GELUTanh, "hardswish": nn.Hardswish,
+                       "mish": nn.Mish}
+
+
+def _hooks_active(*modules: nn.Module | None) -> bool:
+    """Whether a call of these modules would run hooks (their own, or global ones): a fused site that skips the
+    call of one of them, or shows it another output, must then run unfused."""
+    from torch.nn.modules import module as torch_module
+
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        return True
+    return any(_own_hooks(m) for m in modules)
+
+
+def _own_hooks(module: nn.Module | None) -> bool:
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                                       or module._backward_pre_hooks)
+
+
+def _fx_leaf(module: nn.Module, args: tuple, kwargs: dict):
+    """Under torch.fx symbolic tracing, ``module``'s call as one ``call_module`` node (a Proxy), else None: the
+    fused modules' Python (validation, layouts, backend choice) cannot run on Proxies, and the node calls the
+    module itself when the traced graph runs."""
+    proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+    if proxy is None:
+        return None
+    tracer = proxy.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+
+
+def refuse_scripting(module: nn.Module):
+    """``__prepare_scriptable__`` of fusedres's modules: torch.jit.script would fail on them with an unrelated
+    message (they launch Triton kernels from Python)."""
+    raise TypeError(f"torch.jit.script: {type(module).__name__} is one of fusedres's fused modules, which launch "
+                    f"Triton kernels from Python and cannot be scripted; script fusedres.revert(model) instead (the "
+                    f"same state_dict and results, unfused), or use torch.compile or torch.export, which trace the "
+                    f"fused model")
+
+
+_warned_once: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned_once:
+        _warned_once.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -98,15 +176,18 @@ class BatchNormAct2d(nn.BatchNorm2d):
     timm's ``BatchNormAct2d`` signature and state_dict, and ``nn.BatchNorm2d``'s bookkeeping
     (``num_batches_tracked``, ``momentum=None`` as a cumulative average computed on the device,
     ``track_running_stats=False``, ``affine=False``, checkpoints without ``num_batches_tracked``). ``act_layer``:
-    the activation's ``nn.Module`` class (torch's or timm's), an instance, or its name (fusedres's or timm's);
-    ``apply_act=False``: the identity. A ``drop_layer`` sits between the batch-norm and the activation, where no
-    kernel can fuse it: such a module runs the activation unfused, and says so when built."""
+    the activation's ``nn.Module`` class (torch's or timm's), an instance, or its name (fusedres's or timm's, built
+    as timm builds it); ``apply_act=False``: the identity. The activation is read from ``act`` at every call, so a
+    module swapped in or an attribute changed later is applied; one fusedres does not fuse (``nn.ELU``, say) runs
+    after the fused batch-norm, unfused, with a warning. A ``drop_layer`` sits between the batch-norm and the
+    activation, where no kernel can fuse it: such a module runs the activation unfused, and says so when built."""
 
     #: which fused pattern this module serves; set by conversion
     fused_pattern = BATCH_NORM_ACT
-    # Class-level defaults: conversion turns plain batch-norms into this class in place, without __init__.
-    activation = "relu"
-    negative_slope = 0.01
+    __prepare_scriptable__ = refuse_scripting
+    # Class-level default of what the module applies without an ``act`` module or a fused-away partner; conversion
+    # turns plain batch-norms into this class in place, without __init__, and records the site's in __dict__.
+    _fusedres_activation = ("relu", 0.01)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, apply_act: bool = True, act_layer=nn.ReLU,
@@ -119,21 +200,71 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if described is None:
             raise ValueError(f"BatchNormAct2d: unsupported activation {type(self.act).__name__}; supported: "
                              f"{', '.join(FF.ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
-        self.activation, self.negative_slope = described
-        self.fused_pattern = site_pattern(self.activation, False)
         if drop_layer is not None:
             warnings.warn(f"BatchNormAct2d: a drop_layer ({type(self.drop).__name__}) between the batch-norm and "
                           f"the activation cannot be fused; this module runs the activation unfused", stacklevel=2)
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    @property
+    def activation(self) -> str | None:
+        """The activation this module applies when called on its own, now (None: its ``act`` is not one fusedres
+        fuses, and runs unfused after it)."""
+        own = self.own_activation()
+        return None if own is None else own[0]
+
+    @property
+    def negative_slope(self) -> float:
+        own = self.own_activation()
+        return 0.01 if own is None else own[1]
+
+    def own_activation(self) -> tuple[str, float] | None:
+        """``(activation, negative_slope)`` this module applies when called on its own, read now: from its ``act``
+        module (None if fusedres does not fuse it); for a batch-norm that conversion fused with the activation
+        module after it, from that module (the identity when that module must run itself: replaced, hooked, or
+        not fusable any more); else what conversion recorded (BatchNormReLU2d: ReLU)."""
+        act = self._modules.get("act")
+        if act is not None:
+            return describe_activation(act)
+        partner = self.__dict__.get("_fusedres_partner")
+        if partner is not None:
+            return describe_activation(partner.activation_module) if self.fuses_partner() else ("identity", 0.01)
+        return self._fusedres_activation
+
+    def fuses_partner(self) -> bool:
+        """Whether this call applies the activation of the module conversion fused away after it (an
+        ActivationFusedAway, which then passes its input through): it must still stand where the activation was,
+        nothing may be hooked on the two, and its activation must still be one fusedres fuses."""
+        partner = self.__dict__.get("_fusedres_partner")
+        if partner is None:
+            return False
+        activation_module = partner.activation_module
+        return (partner.stands_in_place() and not _hooks_active(self, partner, activation_module)
+                and describe_activation(activation_module) is not None)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, activation: str | None = None,
+                negative_slope: float = 0.01) -> Tensor:
+        """act(batch_norm(input) [+ residual]); ``activation`` (with ``negative_slope``): the site's, which
+        converted forwards pass (``fused_site``), else the module's own (``own_activation``)."""
+        if self.__dict__.get("_fusedres_alone"):  # the batch-norm alone (running_alone)
+            activation, negative_slope = "identity", 0.01
+        traced = _fx_leaf(self, (input, residual), {} if activation is None else
+                          dict(activation=activation, negative_slope=negative_slope))
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         name = type(self).__name__
         drop = self._modules.get("drop")
-        unfused_activation = drop is not None and not isinstance(drop, nn.Identity)
-        if unfused_activation and residual is not None:
-            raise ValueError(f"{name}: a module with a drop_layer takes no residual (the residual would have to be "
-                             f"added after the drop layer, which this module does not do)")
-        activation = "identity" if unfused_activation else self.activation
+        unfused_activation = False
+        if activation is None:
+            own = self.own_activation()
+            unfused_activation = own is None or (drop is not None and not isinstance(drop, nn.Identity))
+            if own is None:
+                _warn_once(f"act:{type(self.act).__name__}",
+                           f"{name}: its activation {type(self.act).__name__} is not one fusedres fuses; it runs "
+                           f"unfused after the fused batch-norm (exact)")
+            elif residual is not None and unfused_activation:
+                raise ValueError(f"{name}: a module with a drop_layer takes no residual (the residual would have "
+                                 f"to be added after the drop layer, which this module does not do)")
+            activation, negative_slope = ("identity", 0.01) if unfused_activation else own
         momentum = 0.0 if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
@@ -143,7 +274,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         # Checked before num_batches_tracked moves: a call that raises leaves the module as it was. (A synchronized
         # batch-norm's values per channel are the whole group's.)
         FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                 use_batch_stats, momentum, self.eps, activation, self.negative_slope,
+                                 use_batch_stats, momentum, self.eps, activation, negative_slope,
                                  values_per_channel_known=not synchronized)
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -152,13 +283,15 @@ class BatchNormAct2d(nn.BatchNorm2d):
                 num_batches_tracked = self.num_batches_tracked
         if synchronized:
             out = distributed.sync_batch_norm_act(input, residual, running_mean, running_var, self.weight, self.bias,
-                                                  momentum, self.eps, activation, self.negative_slope,
+                                                  momentum, self.eps, activation, negative_slope,
                                                   num_batches_tracked, self.__dict__.get("process_group"))
         else:
             out = FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                     use_batch_stats, momentum, self.eps, activation, self.negative_slope,
+                                     use_batch_stats, momentum, self.eps, activation, negative_slope,
                                      num_batches_tracked=num_batches_tracked)
-        return self.act(drop(out)) if unfused_activation else out
+        if unfused_activation:
+            return self.act(drop(out) if drop is not None else out)
+        return out
 
     def _synchronized(self) -> bool:
         """Whether this call normalizes with a process group's statistics (SyncBatchNormAct2d)."""
@@ -166,16 +299,24 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     @classmethod
     def fuse(cls, batch_norm: nn.BatchNorm2d, activation: str = "relu", negative_slope: float = 0.01,
-             with_residual: bool = False) -> "BatchNormAct2d":
+             with_residual: bool = False, original: type | None = None) -> "BatchNormAct2d":
         """Turn an ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``, or timm's BatchNormAct2d) into this class in place:
-        the same object, Parameters and buffers; ``revert`` gives back its original class."""
-        original = batch_norm.__dict__.get("_fusedres_original_class", type(batch_norm))
+        the same object, Parameters and buffers; ``revert`` gives back its original class (``original``: the class
+        revert should give instead, e.g. nn.SyncBatchNorm for a batch-norm that convert_sync_batchnorm
+        synchronizes). A timm BatchNormAct2d becomes a subclass of this class and of timm's, so that timm's tools
+        (``freeze_batch_norm_2d``, ``convert_sync_batchnorm``) still see its activation."""
+        original = original or batch_norm.__dict__.get("_fusedres_original_class", type(batch_norm))
         if not isinstance(batch_norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
             raise TypeError(f"{cls.__name__}.fuse: expected an nn.BatchNorm2d or nn.SyncBatchNorm, got "
                             f"{type(batch_norm).__name__}")
+        timm_class = _timm_norm_act_base(original)
+        if timm_class is not None:
+            from .converted import fused_module_class
+
+            cls = fused_module_class(cls, timm_class)
         batch_norm.__class__ = cls
-        batch_norm.__dict__.update(_fusedres_original_class=original, activation=activation,
-                                   negative_slope=float(negative_slope),
+        batch_norm.__dict__.update(_fusedres_original_class=original,
+                                   _fusedres_activation=(activation, float(negative_slope)),
                                    fused_pattern=site_pattern(activation, with_residual))
         return batch_norm
 
@@ -183,12 +324,20 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def unfuse(module: "BatchNormAct2d") -> nn.BatchNorm2d:
         """Back to the class it had before ``fuse`` (the same object, Parameters and buffers)."""
         original = module.__dict__.pop("_fusedres_original_class", nn.BatchNorm2d)
-        for attribute in ("activation", "negative_slope", "fused_pattern"):
+        for attribute in ("_fusedres_activation", "fused_pattern", "_fusedres_partner", "_fusedres_alone",
+                          "activation", "negative_slope"):  # (the last two: pickles from before 2026-12-01)
             module.__dict__.pop(attribute, None)
         if not issubclass(original, (nn.SyncBatchNorm, SyncBatchNormAct2d)):  # (set by convert_sync_batchnorm)
             module.__dict__.pop("process_group", None)
         module.__class__ = original
         return module
+
+    def __setstate__(self, state: dict) -> None:
+        # Converted models pickled before 2026-12-01 kept the fused activation as plain attributes.
+        state = dict(state)
+        if "activation" in state:
+            state["_fusedres_activation"] = (state.pop("activation"), float(state.pop("negative_slope", 0.01)))
+        super().__setstate__(state)
 
 
 class BatchNormReLU2d(BatchNormAct2d):
@@ -233,77 +382,160 @@ class SyncBatchNormAct2d(BatchNormAct2d):
         return True
 
 
+_TIMM_NORM_ACT = ("timm.layers.norm_act", ("BatchNormAct2d", "SyncBatchNormAct"))
+
+
+def _timm_norm_act_base(original: type) -> type | None:
+    """timm's BatchNormAct2d class if ``original`` is it or timm's SyncBatchNormAct, else None. (A synchronized one
+    fused stays a subclass of BatchNormAct2d, not of SyncBatchNormAct, an nn.SyncBatchNorm: DDP refuses those in
+    CPU modules; timm's tools treat the two alike.)"""
+    module, names = _TIMM_NORM_ACT
+    if original.__module__ == module and original.__name__ in names:
+        return importlib.import_module(module).BatchNormAct2d
+    return None
+
+
 def fused_class_for(batch_norm: nn.Module, activation: str) -> type:
-    """The class a batch-norm becomes when fused with ``activation``: synchronized if it was."""
+    """The class a batch-norm becomes when fused with ``activation``: synchronized if it was (``fuse`` then
+    derives timm's subclasses)."""
     if isinstance(batch_norm, (nn.SyncBatchNorm, SyncBatchNormAct2d)):
         return SyncBatchNormAct2d
+    if "act" in batch_norm._modules:  # timm's: it keeps its act module
+        return BatchNormAct2d
     return BatchNormReLU2d if activation == "relu" else BatchNormAct2d
 
 
 class AddReLU(nn.Module):
     """``relu(input + residual)`` through fusedres's fused kernel."""
 
+    __prepare_scriptable__ = refuse_scripting
+
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
-        return FF.add_relu(input, residual)
-
-
-_warned: set = set()
+        traced = _fx_leaf(self, (input, residual), {})
+        return traced if traced is not None else FF.add_relu(input, residual)
 
 
 def _warn_unfused(module: nn.Module) -> None:
     kind = type(module).__name__
-    if kind not in _warned:
-        _warned.add(kind)
-        warnings.warn(f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by nn.SyncBatchNorm's "
-                      f"convert_sync_batchnorm or a batch-norm freezer); its sites now run batch-norm, add and "
-                      f"activation unfused: exact, but without the fused kernels. For synchronized batch-norm use "
-                      f"fusedres.convert_sync_batchnorm, which keeps them fused; for other tools, call "
-                      f"fusedres.revert before them and fusedres.convert after them.", stacklevel=3)
+    _warn_once(f"replaced:{kind}",
+               f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by nn.SyncBatchNorm's "
+               f"convert_sync_batchnorm or a batch-norm freezer); its sites now run batch-norm, add and activation "
+               f"unfused: exact, but without the fused kernels. For synchronized batch-norm use "
+               f"fusedres.convert_sync_batchnorm, which keeps them fused; for other tools, call fusedres.revert "
+               f"before them and fusedres.convert after them.")
+
+
+@contextlib.contextmanager
+def running_alone(batch_norms):
+    """Inside the block, these fused batch-norms compute the batch-norm alone when called, as the plain
+    batch-norms they were (a converted block falling back to its original forward)."""
+    saved = [(m, m.__dict__.get("_fusedres_alone")) for m in batch_norms if isinstance(m, BatchNormAct2d)]
+    for module, _ in saved:
+        module.__dict__["_fusedres_alone"] = True
+    try:
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                module.__dict__.pop("_fusedres_alone", None)
+            else:
+                module.__dict__["_fusedres_alone"] = previous
 
 
 def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] = None, activation: str = "relu",
-               negative_slope: float = 0.01) -> Tensor:
-    """A fused site of a converted forward: act(batch_norm(input) [+ residual]), fused when ``batch_norm`` is
-    still a BatchNormAct2d, else unfused (exact) with a warning."""
+               negative_slope: float = 0.01, activation_module: nn.Module | None = None) -> Tensor:
+    """A site of a converted forward: act(batch_norm(input) [+ residual]). ``activation_module``: the module the
+    original forward called for the activation, looked up at call time (its activation is read from it then);
+    else ``activation`` and ``negative_slope``, the function's. Fused when the batch-norm is still a
+    BatchNormAct2d, the activation one fusedres fuses, a residual of the batch-norm output's shape, and no hook
+    watches the batch-norm or the activation module; otherwise unfused, each module called as the original forward
+    called it (exact)."""
+    if activation_module is not None:
+        activation, negative_slope = describe_activation(activation_module) or (None, 0.01)
+    fusable = isinstance(batch_norm, BatchNormAct2d) and activation is not None
+    tracing = isinstance(input, fx.Proxy)
+    if fusable and residual is not None and not tracing:
+        fusable = isinstance(residual, Tensor) and residual.shape == input.shape  # else eager broadcasts
+    if fusable and not _hooks_active(batch_norm, activation_module):
+        return batch_norm(input, residual, activation=activation, negative_slope=negative_slope)
     if isinstance(batch_norm, BatchNormAct2d):
-        return batch_norm(input, residual)
-    _warn_unfused(batch_norm)
-    out = batch_norm(input)
-    return EAGER_ACTIVATIONS[activation](out if residual is None else out + residual, negative_slope)
+        _warn_once("site", "fusedres: a converted site runs unfused (exact, slower): a hook watches its batch-norm "
+                           "or activation module, its activation module is one fusedres does not fuse, or its "
+                           "residual broadcasts; each such site is exact while that lasts")
+        out = batch_norm(input, activation="identity")
+    else:
+        _warn_unfused(batch_norm)
+        out = batch_norm(input)
+    if residual is not None:
+        out = out + residual
+    if activation_module is not None:
+        return activation_module(out)
+    return EAGER_ACTIVATIONS[activation](out, negative_slope)
 
 
 class ActivationFusedAway(nn.Identity):
     """Stands where an activation module was whose work the batch-norm before it (``parent.<batch_norm_name>``,
-    a BatchNormAct2d) now does. If that batch-norm is later replaced by a module that does not apply it, this
-    applies it again (exact). ``fusedres.revert`` puts the activation module back."""
+    a BatchNormAct2d) now does, while that batch-norm ``fuses_partner()``; otherwise (the batch-norm replaced by
+    a module that does not apply it, a hook on either, the activation changed to one fusedres does not fuse) it
+    applies the activation module itself (exact). Attributes of the activation module (``negative_slope``,
+    ``inplace``...) are read and written through it. ``fusedres.revert`` puts the activation module back."""
 
-    def __init__(self, activation: nn.Module, parent: nn.Module, batch_norm_name: str):
+    __prepare_scriptable__ = refuse_scripting
+
+    def __init__(self, activation: nn.Module, parent: nn.Module, batch_norm_name: str, activation_name: str):
         super().__init__()
         # Plain attributes, not submodules: no state_dict entries, no second path to the parent.
         self.__dict__["activation_module"] = activation
         self.__dict__["parent"] = parent
         self.__dict__["batch_norm_name"] = batch_norm_name
+        self.__dict__["activation_name"] = activation_name
         self.training = activation.training
+
+    def stands_in_place(self) -> bool:
+        """Whether this module is still where the activation module was."""
+        return self.__dict__["parent"]._modules.get(self.__dict__.get("activation_name")) is self
 
     def forward(self, input: Tensor) -> Tensor:
         batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])
         if isinstance(batch_norm, BatchNormAct2d):
-            return input
-        _warn_unfused(batch_norm)
-        return self.__dict__["activation_module"](input)
+            partner = batch_norm.__dict__.get("_fusedres_partner")
+            # (no partner: converted before 2026-12-01, when the batch-norm always applied the activation)
+            if partner is None or (partner is self and batch_norm.fuses_partner()):
+                return input
+        else:
+            _warn_unfused(batch_norm)
+        # Its call fires the hooks of the activation module's place (global ones included); the module's own
+        # (registered on it before a conversion in place) fire only if it has some.
+        activation_module = self.__dict__["activation_module"]
+        return activation_module(input) if _own_hooks(activation_module) else activation_module.forward(input)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["activation_module"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        module = self.__dict__.get("activation_module")
+        if module is not None and name != "training" and not name.startswith("_") and hasattr(module, name):
+            setattr(module, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
-        return f"{type(self.__dict__['activation_module']).__name__} fused into {self.__dict__['batch_norm_name']}"
+        return f"{self.__dict__['activation_module']!r} fused into {self.__dict__['batch_norm_name']}"
 
 
 def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_name: str) -> None:
     """``parent.<batch_norm_name>`` (an nn.BatchNorm2d) takes over the work of ``parent.<activation_name>`` (a
     module that ``describe_activation`` knows): the batch-norm becomes a BatchNormAct2d (a BatchNormReLU2d for
-    ReLU) in place, the activation module an ActivationFusedAway. Idempotent."""
+    ReLU) in place, the activation module an ActivationFusedAway, each knowing the other. Idempotent."""
     activation_module = parent._modules[activation_name]
     if isinstance(activation_module, ActivationFusedAway):
         return
     activation, negative_slope = describe_activation(activation_module)
     batch_norm = parent._modules[batch_norm_name]
     fused_class_for(batch_norm, activation).fuse(batch_norm, activation, negative_slope)
-    parent._modules[activation_name] = ActivationFusedAway(activation_module, parent, batch_norm_name)
+    stand_in = ActivationFusedAway(activation_module, parent, batch_norm_name, activation_name)
+    parent._modules[activation_name] = stand_in
+    batch_norm.__dict__["_fusedres_partner"] = stand_in

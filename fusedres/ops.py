@@ -15,7 +15,7 @@ through the batch statistics it was given.
 
 Backend: CUDA tensors run the Triton kernels on their own device; CPU tensors run eager PyTorch, unless the
 process runs Triton's interpreter, in which case the kernels run on the CPU. ``FUSEDRES_DISABLE=1`` or
-``with fusedres.disabled():`` force eager PyTorch everywhere.
+``with fusedres.disabled():`` force eager PyTorch everywhere; so do torch.func's transforms.
 """
 from __future__ import annotations
 
@@ -50,8 +50,10 @@ def is_disabled() -> bool:
 
 
 def uses_kernels(t: Tensor) -> bool:
-    """Whether an op on ``t`` runs the Triton kernels (else eager PyTorch)."""
-    return not _disabled and (t.is_cuda or INTERPRETING)
+    """Whether an op on ``t`` runs the Triton kernels (else eager PyTorch). Not under torch.func's transforms
+    (grad, vmap, jvp, jacrev...): torch.library builds the registered ops' autograd without their support, and
+    eager PyTorch computes the same there."""
+    return not _disabled and (t.is_cuda or INTERPRETING) and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _on_device(t: Tensor):

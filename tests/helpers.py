@@ -20,13 +20,14 @@ class Tolerance:
 
 
 # One table for the whole suite: the dtype of the tensor compared -> tolerance against an fp64 reference.
-# Half types: one rounding of the result plus one ulp for the interpreter's truncating casts.
+# Half types: about one ulp (2**-10 for fp16, 2**-7 for bf16): the result's own rounding to nearest (the
+# interpreter rounds bf16 as the GPU does: fusedres/kernels/_interpreter.py) plus what fp32 arithmetic adds.
 # Never scaled by the reduction size.
 TOLERANCES = {
     torch.float64: Tolerance(rtol=1e-9, atol=1e-9),
     torch.float32: Tolerance(rtol=2e-5, atol=2e-5),
     torch.float16: Tolerance(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: Tolerance(rtol=1.6e-2, atol=1.6e-2),
+    torch.bfloat16: Tolerance(rtol=8e-3, atol=8e-3),
 }
 
 

@@ -270,7 +270,7 @@ def test_batch_norm_replacing_tools_never_drop_the_relu():
     expected = plain(x)
     for tool in (nn.SyncBatchNorm.convert_sync_batchnorm, timm_layers.freeze_batch_norm_2d):
         fused = fusedres.convert(plain)
-        fusedres.modules._warned.clear()  # the warning is given once per replacing module type
+        fusedres.modules._warned_once.clear()  # the warning is given once per replacing module type
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rebuilt = tool(fused).eval()

@@ -22,16 +22,28 @@ DERIVATIVE_FROM_OUTPUT = ("relu", "relu6")
 
 @triton.jit
 def _tanh(z):
-    # libdevice is not available everywhere (the interpreter): tanh through exp, stable for both signs.
+    # libdevice is not available everywhere (the interpreter): tanh through exp, stable for both signs. Near 0
+    # (1 - e) cancels; gelu_tanh adds 1 to it, where that does not show, and mish takes _mish_parts instead.
     e = tl.exp(-2.0 * tl.abs(z))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(z < 0, -t, t)
 
 
 @triton.jit
-def _softplus(z):
-    # log1p(exp(z)) as torch.nn.functional.mish computes it; exp overflows to inf and log(inf) is inf, as there.
-    return tl.log(1.0 + tl.exp(z))
+def _mish_parts(z):
+    """tanh(softplus(z)) and sigmoid(z) from one exp, accurate in the far-negative tail where all three are about
+    exp(z) (eager's log1p form keeps it; log(1 + exp(z)) would give 0 there, and (1 - e) / (1 + e) would cancel
+    below softplus 0.01)."""
+    # softplus = log1p(u), u = exp(z), as log(w) * u / (w - 1), w = 1 + u (Goldberg's form); above 20 it is z
+    # (exp may overflow), where its tanh is 1, as in eager; sigmoid = u / w.
+    u = tl.exp(z)
+    w = 1.0 + u
+    large = z > 20.0
+    softplus = tl.where(large, z, tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0))))
+    # below 0.01, tanh's series to the fifth power (next term: 17 s^7 / 315, 5e-14 relative there)
+    s2 = softplus * softplus
+    series = softplus * (1.0 - s2 * (0.3333333333333333 - s2 * 0.13333333333333333))
+    return tl.where(softplus < 0.01, series, _tanh(softplus)), tl.where(large, 1.0, u / w)
 
 
 @triton.jit
@@ -55,7 +67,8 @@ def apply_activation(z, slope, ACTIVATION: tl.constexpr):
         out = z * tl.where(z + 3.0 < 0, 0.0, tl.where(z + 3.0 > 6.0, 6.0, z + 3.0)) / 6.0
     else:
         tl.static_assert(ACTIVATION == "mish", "unknown activation")
-        out = z * _tanh(_softplus(z))
+        tanh_softplus, _sigmoid = _mish_parts(z)
+        out = z * tanh_softplus
     return out
 
 
@@ -89,7 +102,6 @@ def activation_grad(dy, z, slope, ACTIVATION: tl.constexpr):
         grad = tl.where(z >= 3.0, dy, tl.where(z <= -3.0, 0.0, dy * (z / 3.0 + 0.5)))  # NaN at a NaN
     else:
         tl.static_assert(ACTIVATION == "mish", "unknown activation")
-        sigmoid = 1.0 / (1.0 + tl.exp(-z))
-        tanh_softplus = _tanh(_softplus(z))
+        tanh_softplus, sigmoid = _mish_parts(z)
         grad = dy * (tanh_softplus + z * sigmoid * (1.0 - tanh_softplus * tanh_softplus))
     return grad

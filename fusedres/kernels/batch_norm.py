@@ -238,7 +238,9 @@ def _merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr
 def _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
                     eps, eps_residue, offs_c, mask_c, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     ACC: tl.constexpr, INT64: tl.constexpr):
-    """Per-channel ``scale, shift, mean, invstd`` such that ``bn(x) = x * scale + shift``.
+    """Per-channel ``scale, offset, mean, invstd`` such that ``bn(x) = (x - mean) * scale + offset``
+    (``_normalized``): subtracting the mean first keeps the digits of a channel whose values sit far from 0 with a
+    small spread, which ``x * scale - mean * scale`` would cancel, as eager's ``(x - mean) * invstd`` keeps them.
 
     The forward and the backward both call this, so the pre-activation the backward recomputes is bit for bit
     the forward's."""
@@ -252,10 +254,14 @@ def _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weig
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * _load_vector(weight_ptr, weight_stride, offs_c, mask_c, 1.0, ACC, INT64)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + _load_vector(bias_ptr, bias_stride, offs_c, mask_c, 0.0, ACC, INT64)
-    return scale, shift, mean, invstd
+    offset = _load_vector(bias_ptr, bias_stride, offs_c, mask_c, 0.0, ACC, INT64) if HAS_BIAS else tl.zeros_like(mean)
+    return scale, offset, mean, invstd
+
+
+@triton.jit
+def _normalized(x, mean, scale, offset):
+    """bn(x) from ``_channel_affine``'s per-channel vectors, the same arithmetic in every kernel."""
+    return (x - mean[None, :]) * scale[None, :] + offset[None, :]
 
 
 @triton.jit
@@ -299,8 +305,14 @@ def _bn_stats_kernel(
     ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
     """Batch mean and variance per channel (Chan merges of tiles, then of splits), and the running statistics
-    moved toward them: running = (1 - f) running + f batch, unbiased variance, as eager computes it."""
+    moved toward them: running = (1 - f) running + f batch, unbiased variance, as eager computes it.
+
+    Sums are shifted: every program subtracts the channel's first value (its pilot, the same in every program)
+    before summing, so that a channel far from 0 with a small spread (12345.678 +- 0.01) does not carry its offset
+    through fp32 sums; the merging program adds the pilot back to the mean."""
     c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
+    pilot = _load_vector(x_ptr, x_stride_channel, offs_c, mask_c, 0.0, ACC, INT64)  # x[0, c, 0, 0]
+    pilot = tl.where(pilot - pilot == 0.0, pilot, 0.0)  # an Inf or NaN pilot: no shift (they propagate as in eager)
     count_acc = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -309,6 +321,7 @@ def _bn_stats_kernel(
         outer, rows, row_mask = _tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
         x = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
                        x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        x = tl.where(row_mask[:, None], x - pilot[None, :], 0.0)
         tile_count = tl.sum(row_mask.to(ACC), axis=0)
         tile_mean = tl.sum(x, axis=0) / tile_count
         deviation = tl.where(row_mask[:, None] & mask_c[None, :], x - tile_mean[None, :], 0.0)
@@ -323,6 +336,7 @@ def _bn_stats_kernel(
         count_all, mean_all, m2_all = _merge_statistics(partial_ptr, splits, channels, offs_c, mask_c, ACC,
                                                         BLOCK_S, BLOCK_C)
         var = m2_all / tl.maximum(count_all, 1.0)
+        mean_all += pilot
         tl.store(mean_ptr + offs_c, mean_all, mask=mask_c)
         tl.store(var_ptr + offs_c, var, mask=mask_c)
         if UPDATE_RUNNING:
@@ -384,17 +398,17 @@ def _bn_act_apply_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
     ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
-    """y = act(x * scale + shift [+ residual])."""
+    """y = act((x - mean) * scale + offset [+ residual])."""
     c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
-    scale, shift, _mean, _invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
+    scale, offset, mean, _invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
                                                    weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
                                                    mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
     first, last = _split_chunks(chunks, chunks_per_split)
     for chunk in range(first, last):
         outer, rows, row_mask = _tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
-        z = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
-                       x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN,
-                       INT64) * scale[None, :] + shift[None, :]
+        x = _load_tile(x_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, x_stride_outer, x_stride_inner,
+                       x_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        z = _normalized(x, mean, scale, offset)
         if HAS_RESIDUAL:
             z += _load_tile(residual_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, residual_stride_outer,
                             residual_stride_inner, residual_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
@@ -411,12 +425,12 @@ def _bn_act_apply_kernel(
 #   dbias   = sum(dz),  dweight = sum(dz * xhat)
 #   dx      = w * invstd * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)     batch statistics (training)
 #   dx      = w * invstd * dz                                                 frozen statistics: one pass
-# act'(z): without a residual, z = x * scale + shift is recomputed from x with the forward's own arithmetic
-# (_channel_affine), so the backward reads dy and x only. With one, z needs r as well: the ReLU family reads its
-# derivative from the saved output instead (y <= 0 exactly where z <= 0; 0 < y < 6 where 0 < z < 6); the other
-# activations read r (the block's input, which the next layer saves anyway). The reduce pass then writes dz,
-# which the dx pass reads in place of dy: 4e + 3e, where re-reading y or r in the dx pass would also cost 7e.
-# The identity needs no z at all: dz is dy.
+# act'(z): without a residual, z = (x - mean) * scale + offset is recomputed from x with the forward's own arithmetic
+# (_channel_affine, _normalized), so the backward reads dy and x only. With one, z needs r as well: the ReLU family
+# reads its derivative from the saved output instead (y <= 0 exactly where z <= 0; 0 < y < 6 where 0 < z < 6); the
+# other activations read r (the block's input, which the next layer saves anyway). The reduce pass then writes dz,
+# which the dx pass reads in place of dy: 4e + 3e, where re-reading y or r in the dx pass would also cost 7e. The
+# identity needs no z at all: dz is dy.
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -446,7 +460,7 @@ def _bn_backward_reduce_kernel(
 ):
     """dz, and per channel sum(dz) and sum(dz * xhat), which are dbias and dweight."""
     c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
-    scale, shift, mean, invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
+    scale, offset, mean, invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
                                                  weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
                                                  mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
     sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
@@ -460,13 +474,13 @@ def _bn_backward_reduce_kernel(
                         grad_y_stride_inner, grad_y_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST,
                         SLAB_INNER, ALIGN, INT64)
         if PRE == "input":
-            z = x * scale[None, :] + shift[None, :]
+            z = _normalized(x, mean, scale, offset)
         else:
             z = _load_tile(pre_ptr, outer, rows, row_mask, c0, offs_c, mask_c, channels, pre_stride_outer,
                            pre_stride_inner, pre_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
                            ALIGN, INT64)
             if PRE == "residual":
-                z += x * scale[None, :] + shift[None, :]
+                z += _normalized(x, mean, scale, offset)
         # The derivative taken on the output y works for the ReLU family (see above); dy is 0 where rows or
         # channels do not exist, and so is dz.
         dz = activation_grad(dy, z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
@@ -517,7 +531,7 @@ def _bn_backward_dx_kernel(
 ):
     """dx with batch statistics (see the derivation above)."""
     c0, offs_c, mask_c = _channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
-    scale, shift, mean, invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
+    scale, offset, mean, invstd = _channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
                                                  weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
                                                  mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
     inv_count = 1.0 / tl.cast(count, ACC)  # in-kernel, so that fp64 keeps fp64 (a float argument is fp32)
@@ -532,7 +546,7 @@ def _bn_backward_dx_kernel(
                         grad_stride_inner, grad_stride_channel, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
                         ALIGN, INT64)
         if GRAD_IS_DY:
-            dz = activation_grad(dz, x * scale[None, :] + shift[None, :], from_fp32_parts(slope, slope_residue, ACC),
+            dz = activation_grad(dz, _normalized(x, mean, scale, offset), from_fp32_parts(slope, slope_residue, ACC),
                                 ACTIVATION)
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]) * scale[None, :]
