@@ -114,7 +114,9 @@ class _Reads:
             function = value.__func__
             if not getattr(function, "__module__", "").startswith("torch."):
                 self.methods[name] = function
-        elif isinstance(value, _PLAIN_VALUES) or _plain_container(value):
+        elif isinstance(value, _PLAIN_VALUES):
+            self.frozen[name] = value
+        elif _plain_container(value):  # a snapshot: the list or dict itself may be changed in place later
             self.frozen[name] = copy.deepcopy(value)
 
 
@@ -298,15 +300,18 @@ def _swappable(site: _Site, owner: nn.Module, calls: dict[str, int], holders: di
 def _rewrite_forward(owner: nn.Module, graph: fx.Graph, sites: list[_Site]) -> str:
     """The source of owner's forward with each site replaced by one fused_site call (an activation module is
     passed to it, looked up at call time, so that a replaced or hooked one is seen)."""
+    replaced: dict[fx.Node, fx.Node] = {}  # a site's end -> its fused call (the input or residual of a later site)
     for site in sites:
         with graph.inserting_before(site.end):
             batch_norm = graph.get_attr(site.batch_norm.target)
-            args = (batch_norm, site.batch_norm.args[0], site.shortcut if site.add is not None else None)
+            shortcut = replaced.get(site.shortcut, site.shortcut) if site.add is not None else None
+            args = (batch_norm, replaced.get(site.batch_norm.args[0], site.batch_norm.args[0]), shortcut)
             kwargs = dict(activation=site.activation, negative_slope=site.negative_slope)
             if site.act is not None and site.act.op == "call_module":
                 kwargs["activation_module"] = graph.get_attr(site.act.target)
             fused = graph.call_function(fused_site, args, kwargs)
         site.end.replace_all_uses_with(fused)
+        replaced[site.end] = fused
         for node in dict.fromkeys([site.end, site.act, site.add, *reversed(site.identities), site.batch_norm]):
             if node is not None:
                 graph.erase_node(node)
@@ -454,7 +459,14 @@ def _copy(model: nn.Module) -> nn.Module:
     """A deep copy that shares the synchronized batch-norms' process groups (communicators are not copied)."""
     groups = {id(group): group for module in model.modules()
               if (group := module.__dict__.get("process_group")) is not None}
-    return copy.deepcopy(model, memo=dict(groups))
+    copied = copy.deepcopy(model, memo=dict(groups))
+    # Each module's mode as it was: some deep copies rebuild modules through __init__ (torch.fx's GraphModule,
+    # torchvision's feature extractors), which leaves them training.
+    modes = {name: module.training for name, module in model.named_modules()}
+    for name, module in copied.named_modules():
+        if name in modes:
+            module.training = modes[name]
+    return copied
 
 
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:

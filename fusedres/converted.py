@@ -8,9 +8,12 @@ name, ``fusedres.converted.<qualname>``, which encodes the classes they derive f
 and unpickle in a new process."""
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import warnings
+
+import torch
 
 _PREFIX = "Fused["
 _classes: dict[str, type] = {}
@@ -34,7 +37,10 @@ class ConvertedForward:
 
         refuse_scripting(self)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):  # (each converted class has one with its original's signature: _forward_of)
+        return self._converted_forward(*args, **kwargs)
+
+    def _converted_forward(self, *args, **kwargs):
         changed = _changed_attribute(self)
         if changed is not None:
             from .modules import running_alone
@@ -74,11 +80,11 @@ def _changed_attribute(block) -> str | None:
 
 
 def same_value(a, b) -> bool:
-    """Whether a frozen attribute still holds what the trace saw: the same object, or an equal plain value."""
+    """Whether a frozen attribute still holds what the trace saw: the same object, or an equal value of the same
+    type (tensors: the same object only)."""
     if a is b:
         return True
-    if type(a) is not type(b) or not isinstance(a, (bool, int, float, complex, str, bytes, tuple, list, dict,
-                                                    frozenset, set)):
+    if type(a) is not type(b) or isinstance(a, torch.Tensor):
         return False
     try:
         return bool(a == b) or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
@@ -116,18 +122,29 @@ def _class_named(name: str) -> type:
     return cls
 
 
+def _forward_of(base: type):
+    """ConvertedForward's forward with ``base.forward``'s signature: torch.fx traces a root module's forward from
+    its signature (``functools.wraps`` exposes the original one)."""
+    @functools.wraps(base.forward)
+    def forward(self, *args, **kwargs):
+        return self._converted_forward(*args, **kwargs)
+    return forward
+
+
 def fused_class(base: type) -> type:
     """The converted subclass of ``base`` (made once, then reused)."""
     key = f"{_PREFIX}{_name(base)}]"
     if key not in _classes:
         _classes[key] = type(f"Fused{base.__name__}", (ConvertedForward, base),
-                             {"__module__": __name__, "__qualname__": key, "_fusedres_unfused_class": base})
+                             {"__module__": __name__, "__qualname__": key, "_fusedres_unfused_class": base,
+                              "forward": _forward_of(base)})
     return _classes[key]
 
 
 def fused_module_class(fused: type, original: type) -> type:
-    """A subclass of the fused module class ``fused`` and of ``original`` (timm's BatchNormAct2d): fused's forward,
-    and an instance of original for the tools that look for it (made once, then reused)."""
+    """A subclass of the fused module class ``fused`` and of ``original`` (timm's BatchNormAct2d; an activation's
+    class for its ActivationFusedAway): fused's forward, and an instance of original for the code that looks for
+    it (made once, then reused)."""
     key = f"{_PREFIX}{_name(fused)}+{_name(original)}]"
     if key not in _classes:
         _classes[key] = type(fused.__name__, (fused, original),

@@ -10,8 +10,9 @@ activation is read from the activation module when there is one (a module replac
 watching the modules the fusion would skip (a hook on the batch-norm, on the activation module, or a global
 one). Otherwise the site runs unfused, each module called as the original forward called it, hooks firing as
 they would; a tool that swapped the fused batch-norm for another module (SyncBatchNorm, a frozen batch-norm)
-gets the same, with a warning. Under torch.fx symbolic tracing (``create_feature_extractor``) the fused modules
-record themselves as one call each (``_fx_leaf``)."""
+gets the same, with a warning. Under torch.fx symbolic tracing (``create_feature_extractor``) a converted model
+traces as its original: each module it had is one node of its own name (``_fx_leaf``), the batch-norm alone, the
+add and the activation; the traced graph computes what the original computes, unfused (convert it to fuse it)."""
 from __future__ import annotations
 
 import contextlib
@@ -140,6 +141,11 @@ def _own_hooks(module: nn.Module | None) -> bool:
                                        or module._backward_pre_hooks)
 
 
+def _tracing(*args) -> bool:
+    """Whether these arguments are torch.fx Proxies (a symbolic trace is running)."""
+    return any(isinstance(a, fx.Proxy) for a in args)
+
+
 def _fx_leaf(module: nn.Module, args: tuple, kwargs: dict):
     """Under torch.fx symbolic tracing, ``module``'s call as one ``call_module`` node (a Proxy), else None: the
     fused modules' Python (validation, layouts, backend choice) cannot run on Proxies, and the node calls the
@@ -229,6 +235,23 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return describe_activation(partner.activation_module) if self.fuses_partner() else ("identity", 0.01)
         return self._fusedres_activation
 
+    def was_plain_batch_norm(self) -> bool:
+        """Whether conversion made this module from a plain batch-norm (no activation of its own in the
+        original: the activation it fuses belonged to the module or function after it)."""
+        original = self.__dict__.get("_fusedres_original_class")
+        return original is not None and _timm_norm_act_base(original) is None and not issubclass(original,
+                                                                                                  BatchNormAct2d)
+
+    def applies_only_own_activation(self) -> bool:
+        """For a site that conversion gave this module (a timm BatchNormAct2d taking the add after it): whether its
+        own act is still the identity, not hooked and without a drop layer, so that the site may fuse the add and
+        the site's activation into it."""
+        act, drop = self._modules.get("act"), self._modules.get("drop")
+        if act is None:
+            return True
+        return (describe_activation(act) == ("identity", 0.01) and (drop is None or isinstance(drop, nn.Identity))
+                and not _hooks_active(act, drop))
+
     def fuses_partner(self) -> bool:
         """Whether this call applies the activation of the module conversion fused away after it (an
         ActivationFusedAway, which then passes its input through): it must still stand where the activation was,
@@ -246,22 +269,25 @@ class BatchNormAct2d(nn.BatchNorm2d):
         converted forwards pass (``fused_site``), else the module's own (``own_activation``)."""
         if self.__dict__.get("_fusedres_alone"):  # the batch-norm alone (running_alone)
             activation, negative_slope = "identity", 0.01
-        traced = _fx_leaf(self, (input, residual), {} if activation is None else
-                          dict(activation=activation, negative_slope=negative_slope))
-        if traced is not None:
-            return traced
+        if _tracing(input, residual):  # one node, doing what the original module did (a plain one: no activation)
+            if activation is None and self.was_plain_batch_norm():
+                activation, negative_slope = "identity", 0.01
+            return _fx_leaf(self, (input, residual), {} if activation is None else
+                            dict(activation=activation, negative_slope=negative_slope))
         self._check_input_dim(input)
         name = type(self).__name__
         drop = self._modules.get("drop")
         unfused_activation = False
         if activation is None:
             own = self.own_activation()
-            unfused_activation = own is None or (drop is not None and not isinstance(drop, nn.Identity))
+            # its act (and drop) run as modules when they are not fusable, or hooked
+            unfused_activation = (own is None or (drop is not None and not isinstance(drop, nn.Identity))
+                                  or ("act" in self._modules and _hooks_active(self.act, drop)))
             if own is None:
                 _warn_once(f"act:{type(self.act).__name__}",
                            f"{name}: its activation {type(self.act).__name__} is not one fusedres fuses; it runs "
                            f"unfused after the fused batch-norm (exact)")
-            elif residual is not None and unfused_activation:
+            elif residual is not None and unfused_activation and not isinstance(drop, nn.Identity):
                 raise ValueError(f"{name}: a module with a drop_layer takes no residual (the residual would have "
                                  f"to be added after the drop layer, which this module does not do)")
             activation, negative_slope = ("identity", 0.01) if unfused_activation else own
@@ -452,17 +478,19 @@ def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] 
     called it (exact)."""
     if activation_module is not None:
         activation, negative_slope = describe_activation(activation_module) or (None, 0.01)
-    fusable = isinstance(batch_norm, BatchNormAct2d) and activation is not None
-    tracing = isinstance(input, fx.Proxy)
-    if fusable and residual is not None and not tracing:
+    tracing = _tracing(input, residual)  # the original's nodes: batch-norm, add, activation (module docstring)
+    fusable = isinstance(batch_norm, BatchNormAct2d) and activation is not None and not tracing
+    if fusable and residual is not None:
         fusable = isinstance(residual, Tensor) and residual.shape == input.shape  # else eager broadcasts
-    if fusable and not _hooks_active(batch_norm, activation_module):
+    if fusable and batch_norm.applies_only_own_activation() and not _hooks_active(batch_norm, activation_module):
         return batch_norm(input, residual, activation=activation, negative_slope=negative_slope)
     if isinstance(batch_norm, BatchNormAct2d):
-        _warn_once("site", "fusedres: a converted site runs unfused (exact, slower): a hook watches its batch-norm "
-                           "or activation module, its activation module is one fusedres does not fuse, or its "
-                           "residual broadcasts; each such site is exact while that lasts")
-        out = batch_norm(input, activation="identity")
+        if not tracing:
+            _warn_once("site", "fusedres: a converted site runs unfused (exact, slower): a hook watches its "
+                               "batch-norm or activation module, its activation module is one fusedres does not "
+                               "fuse, or its residual broadcasts; each such site is exact while that lasts")
+        # the batch-norm as the original forward called it: alone, or with its own (timm) act
+        out = batch_norm(input) if "act" in batch_norm._modules else batch_norm(input, activation="identity")
     else:
         _warn_unfused(batch_norm)
         out = batch_norm(input)
@@ -473,7 +501,7 @@ def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] 
     return EAGER_ACTIVATIONS[activation](out, negative_slope)
 
 
-class ActivationFusedAway(nn.Identity):
+class ActivationFusedAway(nn.Module):
     """Stands where an activation module was whose work the batch-norm before it (``parent.<batch_norm_name>``,
     a BatchNormAct2d) now does, while that batch-norm ``fuses_partner()``; otherwise (the batch-norm replaced by
     a module that does not apply it, a hook on either, the activation changed to one fusedres does not fuse) it
@@ -483,7 +511,7 @@ class ActivationFusedAway(nn.Identity):
     __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, activation: nn.Module, parent: nn.Module, batch_norm_name: str, activation_name: str):
-        super().__init__()
+        nn.Module.__init__(self)
         # Plain attributes, not submodules: no state_dict entries, no second path to the parent.
         self.__dict__["activation_module"] = activation
         self.__dict__["parent"] = parent
@@ -491,16 +519,35 @@ class ActivationFusedAway(nn.Identity):
         self.__dict__["activation_name"] = activation_name
         self.training = activation.training
 
+    @classmethod
+    def standing_for(cls, activation: nn.Module, parent: nn.Module, batch_norm_name: str,
+                     activation_name: str) -> "ActivationFusedAway":
+        """A stand-in that is also an instance of ``activation``'s class (code that finds activations by type,
+        to replace them, finds it), made from that class and this one (``fusedres.converted``)."""
+        from .converted import fused_module_class
+
+        kind = fused_module_class(cls, type(activation)) if not isinstance(activation, cls) else cls
+        stand_in = kind.__new__(kind)
+        cls.__init__(stand_in, activation, parent, batch_norm_name, activation_name)
+        return stand_in
+
     def stands_in_place(self) -> bool:
         """Whether this module is still where the activation module was."""
         return self.__dict__["parent"]._modules.get(self.__dict__.get("activation_name")) is self
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, apply: bool = False) -> Tensor:
+        """The input as it is while the batch-norm fuses this activation; else (or ``apply``) the activation."""
+        if _tracing(input):  # the original's node: the activation, applied (the batch-norm's node did not)
+            return _fx_leaf(self, (input,), {"apply": True})
         batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])
-        if isinstance(batch_norm, BatchNormAct2d):
+        if apply:
+            pass
+        elif isinstance(batch_norm, BatchNormAct2d):
             partner = batch_norm.__dict__.get("_fusedres_partner")
-            # (no partner: converted before 2026-12-01, when the batch-norm always applied the activation)
-            if partner is None or (partner is self and batch_norm.fuses_partner()):
+            # (no partner: converted before 2026-12-01, when the batch-norm always applied the activation). A
+            # DataParallel replica has its own stand-in holding the same activation module.
+            if partner is None or (partner.__dict__["activation_module"] is self.__dict__["activation_module"]
+                                   and batch_norm.fuses_partner()):
                 return input
         else:
             _warn_unfused(batch_norm)
@@ -517,6 +564,8 @@ class ActivationFusedAway(nn.Identity):
 
     def __setattr__(self, name: str, value) -> None:
         module = self.__dict__.get("activation_module")
+        if module is not None and name == "training":  # train() and eval() reach the activation module too
+            module.training = value
         if module is not None and name != "training" and not name.startswith("_") and hasattr(module, name):
             setattr(module, name, value)
         else:
@@ -536,6 +585,6 @@ def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_n
     activation, negative_slope = describe_activation(activation_module)
     batch_norm = parent._modules[batch_norm_name]
     fused_class_for(batch_norm, activation).fuse(batch_norm, activation, negative_slope)
-    stand_in = ActivationFusedAway(activation_module, parent, batch_norm_name, activation_name)
+    stand_in = ActivationFusedAway.standing_for(activation_module, parent, batch_norm_name, activation_name)
     parent._modules[activation_name] = stand_in
     batch_norm.__dict__["_fusedres_partner"] = stand_in

@@ -153,6 +153,78 @@ def test_hooks_on_swapped_modules_and_batch_norms_see_what_the_original_computes
     assert fused[0][1].fuses_partner(), "without hooks, the pair runs fused again"
 
 
+def test_hooks_and_changes_on_a_converted_timm_batch_norm_acts_own_act_are_seen():
+    """A timm BatchNormAct2d fused in place, and one that took the add after it: its own act hooked, or replaced."""
+    eager, fused = _pair(_TimmBlock())
+    for name in ("bn1", "bn2"):
+        calls = {"eager": [], "fused": []}
+        handles = [getattr(model, name).act.register_forward_hook(_recorder(calls[key]))
+                   for key, model in (("fused", fused), ("eager", eager))]
+        assert_close(_quiet(fused, x := make_input((2, 6, 5, 5), torch.float64)), eager(x),
+                     f"a hook on {name}.act", tolerance=MODEL_TOLERANCE)
+        for handle in handles:
+            handle.remove()
+        _assert_same_calls(calls["fused"], calls["eager"], f"a hook on {name}.act")
+    for model in (eager, fused):
+        model.bn2.act = nn.Tanh()  # bn2 fused the add and the ReLU after it: its own act must now run first
+    _same(fused, eager, (2, 6, 5, 5), "bn2.act replaced after conversion")
+
+
+def _replica(module: nn.Module) -> nn.Module:
+    """What nn.DataParallel's replicate makes of ``module`` for a device (without GPUs): each module a shallow
+    copy (``_replicate_for_data_parallel``) holding its parameters as plain attributes, its children replaced by
+    their replicas."""
+    replicas = {m: m._replicate_for_data_parallel() for m in module.modules()}
+    for m, replica in replicas.items():
+        for name, parameter in m._parameters.items():
+            setattr(replica, name, parameter)
+        for name, child in m._modules.items():
+            if child is not None:
+                replica._modules[name] = replicas[child]
+    return replicas[module]
+
+
+def test_a_data_parallel_replica_computes_what_the_original_does():
+    layer = lambda: nn.Sequential(torchvision.ops.Conv2dNormActivation(4, 6, activation_layer=nn.SiLU))  # noqa
+    eager, fused = _pair(layer())
+    _same(_replica(fused), eager, (2, 4, 5, 5), "a DataParallel replica of a swapped pair")
+
+
+def test_activations_found_by_type_and_replaced_are_applied():
+    """A loop replacing every nn.ReLU with nn.SiLU finds the fused-away ReLU modules' stand-ins too."""
+    eager, fused = _pair(torchvision.models.resnet18(num_classes=10))
+    for model in (eager, fused):
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.ReLU):
+                    setattr(parent, name, nn.SiLU())
+    _same(fused, eager, (2, 3, 32, 32), "resnet18 with every ReLU module replaced by SiLU")
+
+
+def test_revert_gives_activation_modules_the_models_mode():
+    fused = fusedres.convert(torchvision.models.resnet18(num_classes=10)).eval()
+    assert not any(m.training for m in fusedres.revert(fused).modules())
+
+
+class _ReadsADevice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.where = torch.device("cpu")
+        self.sizes = [4, 4]
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x.to(self.where)))) * len(self.sizes)
+
+
+def test_attributes_that_did_not_change_keep_the_block_fused():
+    eager, fused = _pair(_ReadsADevice())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        _same(fused, eager, (2, 4, 5, 5), "a block reading a device and a list")
+
+
 # --- 3. What the user changes in a module is applied -------------------------------------------------------------
 
 @pytest.mark.parametrize("change", ["act = SiLU", "act.negative_slope = 0.5", "act = ELU (not fused)"])
@@ -322,12 +394,16 @@ def test_a_broadcasting_add_runs_as_in_the_original(kind):
 # --- 6. Feature extraction by tracing -----------------------------------------------------------------------------
 
 def test_create_feature_extractor_and_symbolic_trace_on_a_converted_resnet18():
-    from torchvision.models.feature_extraction import create_feature_extractor
+    """A converted model traces as its original: the same node names, each computing what it computes there (a
+    batch-norm node is the batch-norm alone), unfused; a feature extractor of the original converts and fuses."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
     eager, fused = _pair(torchvision.models.resnet18(num_classes=10))
-    # (the layers' outputs, as detection and segmentation heads take them; inside a fused site the nodes are one
-    # call named after its batch-norm, where the original has the batch-norm, the add and the activation)
-    nodes = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5", "fc": "logits"}
+    # the same names (a fused site's batch-norm node may come later, after the shortcut's nodes)
+    assert [sorted(names) for names in get_graph_node_names(fused)] == [sorted(names) for names in
+                                                                       get_graph_node_names(eager)]
+    nodes = {"layer1": "c2", "layer1.0.bn1": "bn", "layer1.0.relu": "relu", "layer1.0.bn2": "bn2",
+             "layer1.0.add": "add", "layer1.0.relu_1": "out", "relu": "stem", "layer4": "c5", "fc": "logits"}
     x = make_input((2, 3, 32, 32), torch.float64)
     expected = create_feature_extractor(eager, nodes)(x)
     features = create_feature_extractor(fused, nodes)(x)
@@ -335,9 +411,22 @@ def test_create_feature_extractor_and_symbolic_trace_on_a_converted_resnet18():
     for name in expected:
         assert_close(features[name], expected[name], f"feature {name}", tolerance=MODEL_TOLERANCE)
     traced = torch.fx.symbolic_trace(fused)
-    called = {node.target for node in traced.graph.nodes if node.op == "call_module"}
-    assert "layer1.0.bn1" in called, "the fused batch-norms are single calls of the traced graph"
     assert_close(traced(x), eager(x), "symbolic_trace", tolerance=MODEL_TOLERANCE)
+    extractor = fusedres.convert(create_feature_extractor(eager, nodes))
+    report = fusedres.conversion_report(extractor)
+    # every site but the two whose batch-norm output is itself a requested feature
+    assert len(report["batch_norm_relu"]) == 8 and len(report["batch_norm_add_relu"]) == 7, report
+    assert "layer1.0.bn1" not in report["batch_norm_relu"] and "layer1.0.bn2" not in report["batch_norm_add_relu"]
+    fused_features = extractor(x)
+    for name in expected:
+        assert_close(fused_features[name], expected[name], f"converted extractor: {name}", tolerance=MODEL_TOLERANCE)
+
+
+def test_a_converted_model_whose_own_forward_was_rewritten_traces():
+    eager, fused = _pair(_Switches())
+    x = make_input((2, 4, 5, 5), torch.float64)
+    traced = torch.fx.symbolic_trace(fused)
+    assert_close(traced(x), eager(x), "symbolic_trace of a rewritten root", tolerance=MODEL_TOLERANCE)
 
 
 # --- 7. What fusedres cannot run is refused loudly; what torch.func does runs --------------------------------------
