@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda") if torch.cuda.is_available() and not INTERPRETING else torch.device("cpu")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The --full tier (conftest.py): a test, or a parameter (pytest.param(..., marks=FULL)), that runs only there.
+FULL = pytest.mark.full
+FULL_TIER = os.environ.get("FUSEDRES_TEST_TIER") == "full"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import fusedres
 from fusedres.functional import ACTIVATIONS
-from tests.helpers import (DEVICE, MODEL_TOLERANCE, REFERENCE_ACTIVATIONS, assert_close, assert_models_match,
+from tests.helpers import (DEVICE, FULL, MODEL_TOLERANCE, REFERENCE_ACTIVATIONS, assert_close, assert_models_match,
                            assert_within_eager_noise, make_input, randomize_batch_norms)
 
 timm = pytest.importorskip("timm")
@@ -235,7 +235,14 @@ def _training_step(model, x, g):
             **{n: b for n, b in model.named_buffers() if b.dtype.is_floating_point}}
 
 
-@pytest.mark.parametrize("name,channels_last", _LAYOUTS, ids=[f"{n}-{'cl' if c else 'nchw'}" for n, c in _LAYOUTS])
+# The quick tier converts one of them (timm's MobileNetV3: timm's BatchNormAct2d, Hardswish, the add alone); the
+# others take 10-70 s each in the interpreter: --full.
+QUICK_MODEL = "timm mobilenetv3_small_100"
+
+
+@pytest.mark.parametrize("name,channels_last", [pytest.param(n, c, marks=() if n == QUICK_MODEL else FULL)
+                                                for n, c in _LAYOUTS],
+                         ids=[f"{n}-{'cl' if c else 'nchw'}" for n, c in _LAYOUTS])
 def test_models_convert_and_match_eager(name, channels_last):
     factory, expected, batch_norms, _ = MODELS[name]
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from fusedres import kernel_report
 from fusedres.benchmark import cli, environment
 from fusedres.benchmark.cases import floor_bytes
 from fusedres.benchmark.report import ENV_FIELDS, KERNELS_HEADING, ROW_FIELDS
-from tests.helpers import INTERPRETING
+from tests.helpers import FULL, INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="the CPU mode of the benchmark")
 pytest.importorskip("matplotlib", reason="the benchmark writes a PNG plot")
@@ -67,7 +67,10 @@ def test_ops_suite_quick_cpu_run(tmp_path, capsys):
             assert 0 <= row["max_abs_error"] < 1e-3, row
 
 
+@FULL
 def test_blocks_models_and_numerics_quick_cpu_run(tmp_path):
+    """(--full: whole models and a training run in the interpreter, 60-90 s; the quick tier's benchmark run is the
+    ops suite's.)"""
     assert cli.main(["--quick", "--suite", "blocks,models,numerics", "--dtype", "fp32", "--numerics-steps", "2",
                      "--numerics-batch-size", "4", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -87,9 +90,11 @@ def test_blocks_models_and_numerics_quick_cpu_run(tmp_path):
     assert (tmp_path / "numerics.png").stat().st_size > 1000 and (tmp_path / "speedup.png").exists()
 
 
+@FULL
 def test_kernels_suite_quick_cpu_run(tmp_path):
     """The model's prediction on ResNet-50's quick sites at batch 128: compiled for sm_90 in a child process,
-    bytes counted in this one's interpreter; labelled a prediction, never timed on a CPU."""
+    bytes counted in this one's interpreter; labelled a prediction, never timed on a CPU. (--full: the sm_90
+    compilation, 40-60 s.)"""
     assert cli.main(["--quick", "--suite", "kernels", "--dtype", "fp32", "--layout", "channels_last",
                      "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()

@@ -17,7 +17,7 @@ from torch import nn
 import fusedres
 import fusedres.functional as FF
 from fusedres.modules import ActivationFusedAway
-from tests.helpers import DEVICE, MODEL_TOLERANCE, assert_close, make_input, randomize_batch_norms
+from tests.helpers import DEVICE, FULL, MODEL_TOLERANCE, assert_close, make_input, randomize_batch_norms
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -59,7 +59,7 @@ class _TimmBlock(nn.Module):
 
 
 @pytest.mark.parametrize("tool", ["freeze_batch_norm_2d", "convert_sync_batchnorm"])
-@pytest.mark.parametrize("model", ["block", "mobilenetv3_small_050"])
+@pytest.mark.parametrize("model", ["block", pytest.param("mobilenetv3_small_050", marks=FULL)])  # (--full: 3-7 s)
 def test_timm_tools_on_a_converted_model_keep_every_activation(tool, model):
     """timm's freezer and its synchronized batch-norm converter rebuild a converted timm BatchNormAct2d as their
     own act-keeping class, as they would the original (they used to drop the activation)."""
@@ -118,8 +118,10 @@ def test_hooks_on_activation_modules_fire_as_in_the_original():
     _assert_same_calls(calls[2:], calls[:2], "registered before conversion")
 
 
+@FULL
 def test_hooks_on_a_timm_models_activation_and_batch_norm_fire_as_in_the_original():
-    """timm's resnet18 (act1 after bn1 in a block whose forward is rewritten): hooks on act1 and on bn1."""
+    """timm's resnet18 (act1 after bn1 in a block whose forward is rewritten): hooks on act1 and on bn1. (--full:
+    a second whole model, 4-5 s; the quick tier hooks torchvision's resnet18.)"""
     eager, fused = _pair(timm.create_model("resnet18", num_classes=10))
     assert "layer1.0.bn1" in fusedres.conversion_report(fused)["batch_norm_relu"]
     x = make_input((2, 3, 32, 32), torch.float64)
@@ -263,8 +265,10 @@ class _Swapped(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+@FULL
 def test_a_timm_models_batch_norm_act_changed_after_conversion_is_applied():
-    """timm's mobilenetv3: its BatchNormAct2d modules, fused in place, given another activation."""
+    """timm's mobilenetv3: its BatchNormAct2d modules, fused in place, given another activation. (--full: a whole
+    model, 4 s; the quick tier changes a single BatchNormAct2d's act.)"""
     eager, fused = _pair(timm.create_model("mobilenetv3_small_050", num_classes=8))
     for model in (eager, fused):
         model.bn1.act = nn.SiLU()

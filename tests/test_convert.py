@@ -17,7 +17,7 @@ from torch import nn
 import fusedres
 from fusedres.modules import ActivationFusedAway, BatchNormReLU2d
 from tests import seed_reference as seed
-from tests.helpers import (DEVICE, MODEL_TOLERANCE, assert_close, assert_models_match, make_input,
+from tests.helpers import (DEVICE, FULL, MODEL_TOLERANCE, assert_close, assert_models_match, make_input,
                            randomize_batch_norms)
 
 torchvision = pytest.importorskip("torchvision")
@@ -44,8 +44,11 @@ def _count_batch_norm_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name,channels_last", [("torchvision_resnet18", False), ("timm_resnet18", True),
-                                                 ("seed_small_resnet", False), ("seed_small_resnet", True)])
+# The quick tier trains the seed's SmallResNet; torchvision's and timm's resnet18 (40-60 s each) are --full.
+@pytest.mark.parametrize("name,channels_last", [pytest.param("torchvision_resnet18", False, marks=FULL),
+                                                 pytest.param("timm_resnet18", True, marks=FULL),
+                                                 pytest.param("seed_small_resnet", False, marks=FULL),
+                                                 ("seed_small_resnet", True)])
 def test_converted_models_match_eager(name, channels_last, monkeypatch):
     """Outputs, every parameter's gradient and the running statistics over training steps, then eval; fp64 so
     that the comparison is the conversion's, not rounding compounded over many layers."""
@@ -94,8 +97,9 @@ def test_every_torchvision_resnet_site_is_fused(make, relu_sites, add_sites):
                                                                                         BatchNormReLU2d)
 
 
-@pytest.mark.parametrize("name,kwargs,relu_sites,add_sites", [
-    ("resnet18", {}, 9, 8), ("resnet50", {}, 33, 16), ("resnet50d", {}, 35, 16),
+# The quick tier converts timm's resnet18; each variant after it (3-11 s) is --full.
+TIMM_RESNETS_FULL_TIER = [
+    ("resnet50", {}, 33, 16), ("resnet50d", {}, 35, 16),
     # drop-path between bn2 and the add: only the first block (rate 0) fuses bn2 + add; where a projection
     # shortcut exists its batch-norm takes the add instead, exactly
     ("resnet18", {"drop_path_rate": 0.1}, 9, ["layer1.0.bn2", "layer2.0.downsample.1", "layer3.0.downsample.1",
@@ -106,7 +110,12 @@ def test_every_torchvision_resnet_site_is_fused(make, relu_sites, add_sites):
     ("seresnet18", {}, 9, ["layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"]),
     # anti-aliasing pools after act2: every site stays fusable
     ("resnetaa50", {}, 33, 16),
-])
+]
+
+
+@pytest.mark.parametrize("name,kwargs,relu_sites,add_sites",
+                         [("resnet18", {}, 9, 8), *(pytest.param(*case, marks=FULL) for case in
+                                                    TIMM_RESNETS_FULL_TIER)])
 def test_timm_resnets_convert_where_exact(name, kwargs, relu_sites, add_sites):
     model = randomize_batch_norms(_timm(name, num_classes=10, **kwargs)).to(torch.float64).eval()
     fused = fusedres.convert(model)
@@ -237,7 +246,9 @@ def test_state_dicts_round_trip_between_converted_reverted_and_plain(tmp_path):
         assert_close(model(x), expected, f"{what} output")
 
 
+@FULL
 def test_converted_models_deepcopy_and_pickle_in_a_new_process(tmp_path):
+    """(--full: a second Python process, importing torch afresh, takes most of its 8-12 s.)"""
     fused = fusedres.convert(randomize_batch_norms(torchvision.models.resnet18(num_classes=10))).eval()
     x = make_input((1, 3, 32, 32), torch.float32)
     assert_close(copy.deepcopy(fused)(x), fused(x).double(), "deep copy output")

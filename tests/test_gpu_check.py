@@ -20,7 +20,9 @@ gpu_check = sys.modules.setdefault("gpu_check", importlib.util.module_from_spec(
 spec.loader.exec_module(gpu_check)
 
 
+@pytest.mark.full
 def test_a_dry_run_cut_short_by_its_deadline_leaves_the_archive_and_the_summary(tmp_path):
+    """(--full: the dry run's processes, 15-20 s; CI also runs the whole dry run.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--deadline", "40", "--out",
                            str(tmp_path)], env=dict(env, PYTHON=sys.executable), capture_output=True, text=True,

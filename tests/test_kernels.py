@@ -11,7 +11,7 @@ from fusedres.kernels import add_act as AK
 from fusedres.kernels import batch_norm as BK
 from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64
 from fusedres.ops import EAGER_ACTIVATIONS
-from tests.helpers import DEVICE, assert_close, fp64_copy, make_input, make_params, reference_batch_norm_act
+from tests.helpers import DEVICE, FULL, assert_close, fp64_copy, make_input, make_params, reference_batch_norm_act
 
 # (block_rows, block_channels, target_programs, slab); none given: the shape heuristic. A slab's rows are all of
 # H*W, so it takes no block_rows.
@@ -81,7 +81,10 @@ def test_apply_refuses_a_residual_it_cannot_walk():
         BK.bn_act_apply(x, r, rm, rv, w, b, 1e-5, torch.empty_like(x))
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=str)
+# The backward's passes in the quick tier: tiny tiles (every mask and tail, many splits), a slab walk, the shape
+# heuristic; the other tilings (1-5 s each) are --full.
+@pytest.mark.parametrize("tiles", [t if i in (0, 3, 5) else pytest.param(t, marks=FULL) for i, t in enumerate(TILES)],
+                         ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_backward_passes(tiles, channels_last, with_residual):

@@ -11,7 +11,7 @@ import fusedres.functional as FF
 from fusedres import kernel_report
 from fusedres.kernels import recorded_launches
 from fusedres.kernels._launch import overridden_constants
-from tests.helpers import DEVICE, INTERPRETING, make_input, make_params
+from tests.helpers import DEVICE, FULL, INTERPRETING, make_input, make_params
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="counts launches and bytes in Triton's interpreter")
 
@@ -72,7 +72,7 @@ def _training_step(x, r, w, b, g):
     return (y, rm, rv, *torch.autograd.grad(y, (x, r, w, b), g))
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=FULL)])  # (--full: 5 s each)
 def test_last_program_merges_are_bitwise_deterministic(channels_last):
     """The same step with one split per channel block and with many: the merge order is fixed, so repeating a
     step gives the same bits; many splits are checked against one for closeness (a different order)."""

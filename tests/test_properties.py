@@ -4,7 +4,8 @@ residual, fusedres does what eager PyTorch does: the same output, gradients and 
 eager on fp64 copies, under the suite's tolerance table), or both raise, and a call that raises leaves every
 argument bitwise unchanged.
 
-CI runs a fixed, database-free profile (``derandomize``), sized for the interpreter. A longer one, by hand:
+CI runs fixed, database-free profiles (``derandomize``), sized for the interpreter: 25 examples per test in the
+quick tier, 150 with ``--full``. A longer one, by hand:
 ``FUSEDRES_HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py``.
 """
 from __future__ import annotations
@@ -17,17 +18,20 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from tests.helpers import DEVICE, TOLERANCES, assert_close
+from tests.helpers import DEVICE, FULL_TIER, TOLERANCES, assert_close
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+settings.register_profile("quick", derandomize=True, database=None, max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", derandomize=True, database=None, max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", database=None, max_examples=2000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("FUSEDRES_HYPOTHESIS_PROFILE", "ci"))
+# The quick tier draws 25 examples per test, --full the CI profile's 150 (conftest.py sets the tier).
+settings.load_profile(os.environ.get("FUSEDRES_HYPOTHESIS_PROFILE", "ci" if FULL_TIER else "quick"))
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATION_LAYOUTS = ("contiguous", "channels_last", "sliced", "channels_first_storage", "expanded")

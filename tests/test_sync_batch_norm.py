@@ -12,7 +12,7 @@ from torch import nn
 
 import fusedres
 from tests.distributed_workers import ddp_worker, module_worker, run_ranks
-from tests.helpers import assert_close, randomize_batch_norms
+from tests.helpers import FULL, assert_close, randomize_batch_norms
 
 
 @pytest.mark.parametrize("world,sizes,dtype,activation,residual,momentum,use_kernels", [
@@ -21,13 +21,17 @@ from tests.helpers import assert_close, randomize_batch_norms
     (2, [1, 2], torch.float32, "identity", False, 0.3, True),  # no residual, no activation
     (3, [2, 0, 3], torch.float64, "gelu", True, 0.1, False),   # the eager path (fusedres.disabled)
 ], ids=["2-ranks-fp64-relu", "3-ranks-empty-rank-fp32-silu", "2-ranks-fp32-identity", "3-ranks-eager-path-gelu"])
+@FULL
 def test_sync_batch_norm_act_matches_eager_on_the_concatenated_batch(world, sizes, dtype, activation, residual,
                                                                      momentum, use_kernels):
+    """(--full: 2 or 3 spawned processes importing torch, 7-13 s each.)"""
     run_ranks(module_worker, world, "gloo", sizes, dtype, activation, residual, momentum, use_kernels)
 
 
 @pytest.mark.parametrize("synchronized", [True, False], ids=["convert_sync_batchnorm", "per-rank-statistics"])
+@FULL
 def test_ddp_training_step_of_a_converted_resnet18(synchronized):
+    """(--full: two spawned processes training resnet18 in the interpreter, 12-22 s.)"""
     pytest.importorskip("torchvision")
     run_ranks(ddp_worker, 2, "gloo", synchronized)
 
