@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from . import seed
-from .modules import BatchNormReLU2d, fuse_activation_module, fused_site, refuse_scripting
+from .converted import fuse_activation_module, fused_site
+from .modules import BatchNormReLU2d, refuse_scripting
 
 __all__ = ["BasicBlock", "ProjectionBlock", "BottleneckBlock", "PreActBlock", "SmallResNet"]
 

@@ -6,7 +6,7 @@ How a site is found: each module's own forward is traced with torch.fx (its subm
 ``Conv2dNormActivation``, which are traced through), so blocks are recognised by what they compute, not by class
 name. A site is an ``nn.BatchNorm2d`` (called once, held by one parent, no hooks) whose output goes only, through
 ``nn.Identity`` modules at most, to an activation fusedres fuses (a module or a function:
-``fusedres.modules.describe_activation``), or to an add whose result goes only to such an activation, or to an
+``fusedres.activations``' table), or to an add whose result goes only to such an activation, or to an
 add with no activation after it at all (the identity: MobileNetV2's linear bottleneck). timm's
 ``BatchNormAct2d`` (batch-norm and activation in one module) becomes fusedres's ``BatchNormAct2d`` in place, and
 one with the identity for activation can then take the add that follows it. Then:
@@ -15,7 +15,7 @@ one with the identity for activation can then take the add that follows it. Then
   modules are swapped in place (BatchNormAct2d, ActivationFusedAway): the module's class and forward stay as
   they are;
 - otherwise the module's forward is rewritten from the traced graph, each site becoming one call of
-  ``fusedres.modules.fused_site``, and the module's class becomes an importable subclass of its own
+  ``fusedres.converted.fused_site``, and the module's class becomes an importable subclass of its own
   (``fusedres.converted``): it stays an instance of its original class, and pickles.
 
 A forward that cannot be traced, or that reads ``self.training`` or other run-time switches (in its own source or
@@ -41,23 +41,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import FUSED_SEED_CLASSES
-from .converted import ConvertedForward, fused_class
-from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU,
-                      ActivationFusedAway, BatchNormAct2d, SyncBatchNormAct2d, describe_activation,
-                      fuse_activation_module, fused_class_for, fused_site, site_pattern)
+from .activations import FUNCTIONS, METHODS, describe_activation
+from .converted import ActivationFusedAway, ConvertedForward, fuse_activation_module, fused_class, fused_site
+from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU, BatchNormAct2d,
+                      SyncBatchNormAct2d, fused_class_for, site_pattern)
 
 __all__ = ["convert", "revert", "conversion_report", "convert_sync_batchnorm"]
 
 NOT_ANALYSED = "not_analysed"
-# Activation functions by what they compute; the default keyword values are F's.
-_ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu_: "relu",
-                         F.relu6: "relu6", F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", F.silu: "silu",
-                         F.gelu: "gelu", F.hardswish: "hardswish", F.mish: "mish"}
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 _TIMM_BATCH_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
 _TIMM_SYNC_BATCH_NORM_ACT = ("timm.layers.norm_act", "SyncBatchNormAct")
 _PLAIN_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # what a site's batch-norm may be before fusion
@@ -170,11 +164,11 @@ def _activation_of(node: fx.Node, owner: nn.Module) -> tuple[str, float] | None:
     if node.op == "call_module":
         return describe_activation(owner.get_submodule(node.target))
     if node.op == "call_method":
-        return (_ACTIVATION_METHODS[node.target], 0.01) if node.target in _ACTIVATION_METHODS and \
+        return (METHODS[node.target], 0.01) if node.target in METHODS and \
             len(node.args) == 1 and not node.kwargs else None
-    if node.op != "call_function" or node.target not in _ACTIVATION_FUNCTIONS:
+    if node.op != "call_function" or node.target not in FUNCTIONS:
         return None
-    name = _ACTIVATION_FUNCTIONS[node.target]
+    name = FUNCTIONS[node.target]
     extra = dict(node.kwargs)
     extra.pop("inplace", None)
     if name == "leaky_relu":

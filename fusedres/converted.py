@@ -1,19 +1,30 @@
-"""Classes that ``fusedres.convert`` gives to modules it changes in place.
+"""What ``fusedres.convert`` leaves in a model, and how it runs (docs/design.md, "Conversion").
 
-A converted block stays an instance of its original class: its class becomes a subclass made here,
-``Fused<Name>``, whose forward runs the rewritten code kept (as source) in the block itself. A timm
-``BatchNormAct2d`` fused in place becomes a subclass of fusedres's fused class and of timm's
-(``fused_module_class``), so that timm's tools still know it. The subclasses are importable by their qualified
-name, ``fusedres.converted.<qualname>``, which encodes the classes they derive from, so converted models pickle
-and unpickle in a new process."""
+- Sites: ``fused_site``, the call a rewritten forward makes for each batch-norm [+ add] + activation;
+  ``ActivationFusedAway``, the stand-in for an activation module fused into the batch-norm before it
+  (``fuse_activation_module``); ``running_alone``. Each decides at call time whether it can run fused.
+- Classes: a converted block stays an instance of its original class: its class becomes a subclass made here,
+  ``Fused<Name>``, whose forward runs the rewritten code kept (as source) in the block itself, and falls back to
+  the original forward when an attribute its trace read has changed. A timm ``BatchNormAct2d`` fused in place
+  (and an activation's stand-in) becomes a subclass of fusedres's class and of the original's
+  (``fused_module_class``), so that the tools and loops looking for the original class still find it. The
+  subclasses are importable by their qualified name, ``fusedres.converted.<qualname>``, which encodes the classes
+  they derive from, so converted models pickle and unpickle in a new process."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
 import warnings
+from typing import Optional
 
 import torch
+from torch import Tensor, nn
+
+from .activations import describe_activation, eager_activation
+from .modules import (BatchNormAct2d, fused_class_for, fx_leaf, hooks_active, own_hooks, refuse_scripting, tracing,
+                      warn_once)
 
 _PREFIX = "Fused["
 _classes: dict[str, type] = {}
@@ -33,8 +44,6 @@ class ConvertedForward:
     _fusedres_unfused_class: type
 
     def __prepare_scriptable__(self):
-        from .modules import refuse_scripting
-
         refuse_scripting(self)
 
     def forward(self, *args, **kwargs):  # (each converted class has one with its original's signature: _forward_of)
@@ -43,8 +52,6 @@ class ConvertedForward:
     def _converted_forward(self, *args, **kwargs):
         changed = _changed_attribute(self)
         if changed is not None:
-            from .modules import running_alone
-
             _warn_changed(type(self).__name__, changed)
             sites = [self.get_submodule(name) for name in self.__dict__.get("_fusedres_site_batch_norms", ())]
             with running_alone(sites):
@@ -160,3 +167,155 @@ def __getattr__(name: str):
     if len(names) == 2:
         return fused_module_class(*map(_class_named, names))
     return fused_class(_class_named(names[0]))
+
+
+# --- Sites ----------------------------------------------------------------------------------------------
+
+
+def _warn_unfused(module: nn.Module) -> None:
+    kind = type(module).__name__
+    warn_once(f"replaced:{kind}",
+              f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by nn.SyncBatchNorm's "
+              f"convert_sync_batchnorm or a batch-norm freezer); its sites now run batch-norm, add and activation "
+              f"unfused: exact, but without the fused kernels. For synchronized batch-norm use "
+              f"fusedres.convert_sync_batchnorm, which keeps them fused; for other tools, call fusedres.revert "
+              f"before them and fusedres.convert after them.")
+
+
+@contextlib.contextmanager
+def running_alone(batch_norms):
+    """Inside the block, these fused batch-norms compute the batch-norm alone when called, as the plain
+    batch-norms they were (a converted block falling back to its original forward)."""
+    saved = [(m, m.__dict__.get("_fusedres_alone")) for m in batch_norms if isinstance(m, BatchNormAct2d)]
+    for module, _ in saved:
+        module.__dict__["_fusedres_alone"] = True
+    try:
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                module.__dict__.pop("_fusedres_alone", None)
+            else:
+                module.__dict__["_fusedres_alone"] = previous
+
+
+def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] = None, activation: str = "relu",
+               negative_slope: float = 0.01, activation_module: nn.Module | None = None) -> Tensor:
+    """A site of a converted forward: act(batch_norm(input) [+ residual]). ``activation_module``: the module the
+    original forward called for the activation, looked up at call time (its activation is read from it then);
+    else ``activation`` and ``negative_slope``, the function's. Fused when the batch-norm is still a
+    BatchNormAct2d, the activation one fusedres fuses, a residual of the batch-norm output's shape, and no hook
+    watches the batch-norm or the activation module; otherwise unfused, each module called as the original forward
+    called it (exact)."""
+    if activation_module is not None:
+        activation, negative_slope = describe_activation(activation_module) or (None, 0.01)
+    traced = tracing(input, residual)  # the original's nodes: batch-norm, add, activation (fusedres.modules)
+    fusable = isinstance(batch_norm, BatchNormAct2d) and activation is not None and not traced
+    if fusable and residual is not None:
+        fusable = isinstance(residual, Tensor) and residual.shape == input.shape  # else eager broadcasts
+    if fusable and batch_norm.applies_only_own_activation() and not hooks_active(batch_norm, activation_module):
+        return batch_norm(input, residual, activation=activation, negative_slope=negative_slope)
+    if isinstance(batch_norm, BatchNormAct2d):
+        if not traced:
+            warn_once("site", "fusedres: a converted site runs unfused (exact, slower): a hook watches its "
+                              "batch-norm or activation module, its activation module is one fusedres does not "
+                              "fuse, or its residual broadcasts; each such site is exact while that lasts")
+        # the batch-norm as the original forward called it: alone, or with its own (timm) act
+        out = batch_norm(input) if "act" in batch_norm._modules else batch_norm(input, activation="identity")
+    else:
+        _warn_unfused(batch_norm)
+        out = batch_norm(input)
+    if residual is not None:
+        out = out + residual
+    if activation_module is not None:
+        return activation_module(out)
+    return eager_activation(activation, out, negative_slope)
+
+
+class ActivationFusedAway(nn.Module):
+    """Stands where an activation module was whose work the batch-norm before it (``parent.<batch_norm_name>``,
+    a BatchNormAct2d) now does, while that batch-norm ``fuses_partner()``; otherwise (the batch-norm replaced by
+    a module that does not apply it, a hook on either, the activation changed to one fusedres does not fuse) it
+    applies the activation module itself (exact). Attributes of the activation module (``negative_slope``,
+    ``inplace``...) are read and written through it. ``fusedres.revert`` puts the activation module back."""
+
+    __prepare_scriptable__ = refuse_scripting
+
+    def __init__(self, activation: nn.Module, parent: nn.Module, batch_norm_name: str, activation_name: str):
+        nn.Module.__init__(self)
+        # Plain attributes, not submodules: no state_dict entries, no second path to the parent.
+        self.__dict__["activation_module"] = activation
+        self.__dict__["parent"] = parent
+        self.__dict__["batch_norm_name"] = batch_norm_name
+        self.__dict__["activation_name"] = activation_name
+        self.training = activation.training
+
+    @classmethod
+    def standing_for(cls, activation: nn.Module, parent: nn.Module, batch_norm_name: str,
+                     activation_name: str) -> "ActivationFusedAway":
+        """A stand-in that is also an instance of ``activation``'s class (code that finds activations by type,
+        to replace them, finds it), made from that class and this one (``fusedres.converted``)."""
+        from .converted import fused_module_class
+
+        kind = fused_module_class(cls, type(activation)) if not isinstance(activation, cls) else cls
+        stand_in = kind.__new__(kind)
+        cls.__init__(stand_in, activation, parent, batch_norm_name, activation_name)
+        return stand_in
+
+    def stands_in_place(self) -> bool:
+        """Whether this module is still where the activation module was."""
+        return self.__dict__["parent"]._modules.get(self.__dict__.get("activation_name")) is self
+
+    def forward(self, input: Tensor, *, apply: bool = False) -> Tensor:
+        """The input as it is while the batch-norm fuses this activation; else (or ``apply``) the activation."""
+        if tracing(input):  # the original's node: the activation, applied (the batch-norm's node did not)
+            return fx_leaf(self, (input,), {"apply": True})
+        batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])
+        if apply:
+            pass
+        elif isinstance(batch_norm, BatchNormAct2d):
+            partner = batch_norm.__dict__.get("_fusedres_partner")
+            # (no partner: converted before 2026-12-01, when the batch-norm always applied the activation). A
+            # DataParallel replica has its own stand-in holding the same activation module.
+            if partner is None or (partner.__dict__["activation_module"] is self.__dict__["activation_module"]
+                                   and batch_norm.fuses_partner()):
+                return input
+        else:
+            _warn_unfused(batch_norm)
+        # Its call fires the hooks of the activation module's place (global ones included); the module's own
+        # (registered on it before a conversion in place) fire only if it has some.
+        activation_module = self.__dict__["activation_module"]
+        return activation_module(input) if own_hooks(activation_module) else activation_module.forward(input)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["activation_module"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        module = self.__dict__.get("activation_module")
+        if module is not None and name == "training":  # train() and eval() reach the activation module too
+            module.training = value
+        if module is not None and name != "training" and not name.startswith("_") and hasattr(module, name):
+            setattr(module, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return f"{self.__dict__['activation_module']!r} fused into {self.__dict__['batch_norm_name']}"
+
+
+def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_name: str) -> None:
+    """``parent.<batch_norm_name>`` (an nn.BatchNorm2d) takes over the work of ``parent.<activation_name>`` (a
+    module that ``describe_activation`` knows): the batch-norm becomes a BatchNormAct2d (a BatchNormReLU2d for
+    ReLU) in place, the activation module an ActivationFusedAway, each knowing the other. Idempotent."""
+    activation_module = parent._modules[activation_name]
+    if isinstance(activation_module, ActivationFusedAway):
+        return
+    activation, negative_slope = describe_activation(activation_module)
+    batch_norm = parent._modules[batch_norm_name]
+    fused_class_for(batch_norm, activation).fuse(batch_norm, activation, negative_slope)
+    stand_in = ActivationFusedAway.standing_for(activation_module, parent, batch_norm_name, activation_name)
+    parent._modules[activation_name] = stand_in
+    batch_norm.__dict__["_fusedres_partner"] = stand_in

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from .activations import eager_activation
 from .kernels import batch_norm as batch_norm_launchers
 
 
@@ -76,7 +77,7 @@ def _local_statistics(x: Tensor) -> Tensor:
     values_per_channel = x.numel() // channels if channels else 0
     local = torch.full((3, channels), float(values_per_channel), dtype=torch.float64, device=x.device)
     if values_per_channel:
-        with ops._on_device(x):
+        with ops.on_device(x):
             batch_norm_launchers.bn_batch_stats(x, local[1], local[2])
     else:
         local[1:].zero_()
@@ -89,17 +90,17 @@ class _SyncBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, residual, weight, bias, running_mean, running_var, momentum, eps, activation,
                 negative_slope, num_batches_tracked, process_group):
-        x = ops._dense(input)
+        x = ops.dense(input)
         gathered = _gather(_local_statistics(x), process_group)
         channels = x.shape[1]
-        mean = x.new_empty((channels,), dtype=ops._stats_dtype(x))
+        mean = x.new_empty((channels,), dtype=ops.statistics_dtype(x))
         var = torch.empty_like(mean)
         count = x.new_empty((channels,), dtype=torch.float64)
-        with ops._on_device(x):
+        with ops.on_device(x):
             batch_norm_launchers.bn_merge_ranks(gathered, mean, var, count, running_mean, running_var,
                                                 momentum=momentum, num_batches_tracked=num_batches_tracked)
-        y = ops.batch_norm_act_kernels(x, residual, weight, bias, mean, var, True, eps, activation, negative_slope)
-        ops._batch_norm_act_setup_context(ctx, (x, residual, weight, bias, mean, var, True, eps, activation,
+        y = ops.run_batch_norm_act(x, residual, weight, bias, mean, var, True, eps, activation, negative_slope)
+        ops.batch_norm_act_setup_context(ctx, (x, residual, weight, bias, mean, var, True, eps, activation,
                                                 negative_slope), y)
         ctx.count, ctx.process_group = count, process_group
         ctx.mark_non_differentiable(*(t for t in (running_mean, running_var) if t is not None))
@@ -143,7 +144,7 @@ def _eager_sync_batch_norm_act(input, residual, weight, bias, running_mean, runn
         z = z + bias.to(compute).view(shape)
     out_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     z = z.to(out_dtype) if residual is None else z.to(out_dtype) + residual
-    return ops.EAGER_ACTIVATIONS[activation](z, negative_slope)
+    return eager_activation(activation, z, negative_slope)
 
 
 def sync_batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],

@@ -2,7 +2,10 @@
 
 Semantics are eager PyTorch's: ``F.batch_norm`` (batch statistics and an in-place running-statistics update
 when ``training``, running statistics otherwise), then the residual add, then the activation (``ACTIVATIONS``,
-each the eager expression of ``fusedres.ops.EAGER_ACTIVATIONS``).
+each the eager expression of ``fusedres/activations.py``'s table).
+
+``validate_batch_norm_act`` is every check of a batch-norm call, for the modules, which validate before they touch
+their own bookkeeping and then call the op layer themselves (one validation per call).
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels import ACTIVATIONS
+from .activations import ACTIVATIONS
 
-__all__ = ["batch_norm_act", "batch_norm_relu", "batch_norm_add_relu", "add_act", "add_relu", "ACTIVATIONS"]
+__all__ = ["batch_norm_act", "batch_norm_relu", "batch_norm_add_relu", "add_act", "add_relu", "ACTIVATIONS",
+           "validate_batch_norm_act"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -160,13 +164,13 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[
 def add_act(input: Tensor, residual: Tensor, *, activation: str = "relu", negative_slope: float = 0.01) -> Tensor:
     """``act(input + residual)`` for two float tensors of the same shape (any rank, no broadcasting)."""
     _check_add_act("add_act", input, residual, activation, negative_slope)
-    return ops.add_act(input, residual, activation, negative_slope)
+    return ops.dispatch_add_act(input, residual, activation, negative_slope)
 
 
 def add_relu(input: Tensor, residual: Tensor) -> Tensor:
     """``relu(input + residual)`` for two float tensors of the same shape (any rank, no broadcasting)."""
     _check_add_act("add_relu", input, residual, "relu", 0.01)
-    return ops.add_act(input, residual)
+    return ops.dispatch_add_act(input, residual)
 
 
 def _check_activation(fn: str, activation, negative_slope) -> None:
@@ -182,9 +186,9 @@ def _check_add_act(fn: str, input, residual, activation, negative_slope) -> None
     _check_activation(fn, activation, negative_slope)
 
 
-def _check_batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum,
-                          eps, activation: str = "relu", negative_slope: float = 0.01,
-                          values_per_channel_known: bool = True) -> None:
+def validate_batch_norm_act(fn: str, input, residual, running_mean, running_var, weight, bias, training, momentum,
+                            eps, activation: str = "relu", negative_slope: float = 0.01,
+                            values_per_channel_known: bool = True) -> None:
     """Every check of a batch-norm (+ add) + activation call; errors name ``fn``. Modules call it before they
     touch their own bookkeeping, so that a call that raises leaves them as they were."""
     _check_batch_norm_args(fn, input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -199,7 +203,7 @@ def _batch_norm_act(fn: str, input, residual, running_mean, running_var, weight,
                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """Validate (errors name ``fn``), then act(batch_norm(input) [+ residual]). ``num_batches_tracked``
     (already incremented) selects nn.BatchNorm2d's cumulative average (momentum=None), computed on the device."""
-    _check_batch_norm_act(fn, input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
-                          activation, negative_slope)
-    return ops.batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
-                              activation, negative_slope, num_batches_tracked)
+    validate_batch_norm_act(fn, input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                            activation, negative_slope)
+    return ops.dispatch_batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum,
+                                       eps, activation, negative_slope, num_batches_tracked)

@@ -1,33 +1,27 @@
-"""Modules: ``BatchNormAct2d`` (an ``nn.BatchNorm2d`` that applies an activation, after an optional residual add;
-timm's ``BatchNormAct2d`` signature and state_dict), ``BatchNormReLU2d`` (the same with ReLU) and ``AddReLU``, plus
-the pieces conversion leaves in a model: ``ActivationFusedAway``, standing where an activation module was fused
-into the batch-norm before it, and ``fused_site``, through which rewritten forwards call their fused batch-norms.
+"""The public modules: ``BatchNormAct2d`` (an ``nn.BatchNorm2d`` that applies an activation, after an optional
+residual add; timm's ``BatchNormAct2d`` signature and state_dict), ``BatchNormReLU2d`` (the same with ReLU),
+``SyncBatchNormAct2d`` and ``AddReLU``, and the call-time checks they share with what conversion leaves in a
+model (``fusedres/converted.py``): whether hooks watch a module (``hooks_active``), whether a torch.fx trace is
+running (``tracing``, ``fx_leaf``).
 
-A converted model must keep computing what the original would whatever is done to it later (docs/design.md,
-"Conversion"), so every fused site decides at call time, from what it finds then, whether it can run fused: the
-activation is read from the activation module when there is one (a module replaced, or an attribute such as
-``negative_slope`` changed, is seen), a residual must have the batch-norm output's shape, and no hook may be
-watching the modules the fusion would skip (a hook on the batch-norm, on the activation module, or a global
-one). Otherwise the site runs unfused, each module called as the original forward called it, hooks firing as
-they would; a tool that swapped the fused batch-norm for another module (SyncBatchNorm, a frozen batch-norm)
-gets the same, with a warning. Under torch.fx symbolic tracing (``create_feature_extractor``) a converted model
-traces as its original: each module it had is one node of its own name (``_fx_leaf``), the batch-norm alone, the
-add and the activation; the traced graph computes what the original computes, unfused (convert it to fuse it)."""
+A module's activation is read at every call: from its ``act`` (timm's semantics), from the activation module
+conversion fused into it, or from what conversion recorded. A converted batch-norm is called by its site
+(``converted.fused_site``) with the site's activation, or alone (``activation="identity"``). Under torch.fx
+symbolic tracing a fused module records itself as one call, doing what the original module did (a plain
+batch-norm: no activation)."""
 from __future__ import annotations
 
-import contextlib
 import importlib
 import warnings
 from typing import Any, Optional
 
 from torch import Tensor, fx, nn
 
-from . import distributed
+from . import distributed, ops
 from . import functional as FF
-from .ops import EAGER_ACTIVATIONS
+from .activations import ACTIVATIONS, activation_class, describe_activation
 
-__all__ = ["BatchNormAct2d", "BatchNormReLU2d", "SyncBatchNormAct2d", "AddReLU", "ActivationFusedAway",
-           "fused_site", "fuse_activation_module", "describe_activation", "fused_class_for"]
+__all__ = ["BatchNormAct2d", "BatchNormReLU2d", "SyncBatchNormAct2d", "AddReLU", "fused_class_for", "site_pattern"]
 
 # The patterns a fused site serves (conversion_report's keys): the ReLU ones, and every other activation
 # (the identity included: a batch-norm followed by the residual add alone).
@@ -43,56 +37,19 @@ def site_pattern(activation: str, with_residual: bool) -> str:
     return BATCH_NORM_ADD_ACT if with_residual else BATCH_NORM_ACT
 
 
-# Names an activation goes by: fusedres's, and timm's (timm.layers.create_act).
-_NAMES = {**{name: name for name in FF.ACTIVATIONS}, "swish": "silu", "hard_swish": "hardswish",
-          "hardswish": "hardswish", "gelu_tanh": "gelu_tanh", "": "identity", "none": "identity"}
-# Module classes by (module, name): torch's, and timm's own (their forwards compute the same expressions).
-_TIMM = ("timm.layers.activations", "timm.layers.activations_me")
-_CLASSES = {
-    **{("torch.nn.modules.linear", "Identity"): "identity"},
-    **{("torch.nn.modules.activation", name): activation for name, activation in (
-        ("ReLU", "relu"), ("ReLU6", "relu6"), ("LeakyReLU", "leaky_relu"), ("SiLU", "silu"), ("GELU", "gelu"),
-        ("Hardswish", "hardswish"), ("Mish", "mish"))},
-    **{(module, name): activation for module in _TIMM for name, activation in (
-        ("Swish", "silu"), ("SwishMe", "silu"), ("Mish", "mish"), ("MishMe", "mish"), ("HardSwish", "hardswish"),
-        ("HardSwishMe", "hardswish"), ("GELU", "gelu"), ("GELUTanh", "gelu_tanh"))},
-}
-
-
-def describe_activation(act: Any) -> tuple[str, float] | None:
-    """``(activation, negative_slope)`` for an activation given as a name (fusedres's or timm's), an ``nn.Module``
-    class or instance (torch's or timm's), or None (the identity); None if fusedres does not fuse it."""
-    if act is None:
-        return "identity", 0.01
-    if isinstance(act, str):
-        name = _NAMES.get(act.lower())
-        return None if name is None else (name, 0.01)
-    kind = act if isinstance(act, type) else type(act)
-    name = _CLASSES.get((kind.__module__, kind.__name__))
-    if name is None:
-        return None
-    slope = float(getattr(act, "negative_slope", 0.01)) if not isinstance(act, type) else 0.01
-    if name == "gelu" and getattr(act, "approximate", "none") == "tanh":
-        name = "gelu_tanh"
-    return name, slope
-
-
 def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_act: bool) -> nn.Module:
     """The activation module timm's BatchNormAct2d would hold (``act``), built as timm builds it: a name through
-    timm's own table when timm is installed (else the torch module of that name), a class with
-    ``inplace`` and ``act_kwargs`` (without ``inplace`` if it takes none), an instance as it is."""
+    timm's own table when timm is installed (else the torch module of that name: ``activation_class``), a class
+    with ``inplace`` and ``act_kwargs`` (without ``inplace`` if it takes none), an instance as it is."""
     if not apply_act or act_layer is None:
         return nn.Identity()
     if isinstance(act_layer, nn.Module):
         return act_layer
     if isinstance(act_layer, str):
-        described = describe_activation(act_layer)
-        if described is None:
+        if describe_activation(act_layer) is None:
             raise ValueError(f"BatchNormAct2d: unsupported activation {act_layer!r}; supported: "
-                             f"{', '.join(FF.ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
-        act_layer = _timm_activation_class(act_layer) or _ACTIVATION_MODULES[described[0]]
-        if act_layer is None:  # timm's name for no activation
-            return nn.Identity()
+                             f"{', '.join(ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
+        act_layer = activation_class(act_layer)
     kwargs = {"inplace": inplace, **(act_kwargs or {})}  # as timm passes it; meaningless once fused
     try:
         return act_layer(**kwargs)
@@ -101,31 +58,7 @@ def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_
         return act_layer(**kwargs)
 
 
-def _timm_activation_class(name: str):
-    """timm's class for the activation ``name`` (timm.layers.get_act_layer), or None without timm or the name."""
-    try:
-        from timm.layers import get_act_layer
-    except ImportError:
-        return None
-    try:
-        return get_act_layer(name) or nn.Identity
-    except KeyError:
-        return None
-
-
-class _GELUTanh(nn.GELU):
-    """nn.GELU with the tanh approximation, built as the other classes are (timm's GELUTanh when timm exists)."""
-
-    def __init__(self, inplace: bool = False):
-        super().__init__(approximate="tanh")
-
-
-_ACTIVATION_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
-                       "silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": _GELUTanh, "hardswish": nn.Hardswish,
-                       "mish": nn.Mish}
-
-
-def _hooks_active(*modules: nn.Module | None) -> bool:
+def hooks_active(*modules: nn.Module | None) -> bool:
     """Whether a call of these modules would run hooks (their own, or global ones): a fused site that skips the
     call of one of them, or shows it another output, must then run unfused."""
     from torch.nn.modules import module as torch_module
@@ -133,20 +66,20 @@ def _hooks_active(*modules: nn.Module | None) -> bool:
     if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
             or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
         return True
-    return any(_own_hooks(m) for m in modules)
+    return any(own_hooks(m) for m in modules)
 
 
-def _own_hooks(module: nn.Module | None) -> bool:
+def own_hooks(module: nn.Module | None) -> bool:
     return module is not None and bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                                        or module._backward_pre_hooks)
 
 
-def _tracing(*args) -> bool:
+def tracing(*args) -> bool:
     """Whether these arguments are torch.fx Proxies (a symbolic trace is running)."""
     return any(isinstance(a, fx.Proxy) for a in args)
 
 
-def _fx_leaf(module: nn.Module, args: tuple, kwargs: dict):
+def fx_leaf(module: nn.Module, args: tuple, kwargs: dict):
     """Under torch.fx symbolic tracing, ``module``'s call as one ``call_module`` node (a Proxy), else None: the
     fused modules' Python (validation, layouts, backend choice) cannot run on Proxies, and the node calls the
     module itself when the traced graph runs."""
@@ -169,7 +102,7 @@ def refuse_scripting(module: nn.Module):
 _warned_once: set = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
     if key not in _warned_once:
         _warned_once.add(key)
         warnings.warn(message, stacklevel=3)
@@ -205,7 +138,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         described = describe_activation(self.act)
         if described is None:
             raise ValueError(f"BatchNormAct2d: unsupported activation {type(self.act).__name__}; supported: "
-                             f"{', '.join(FF.ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
+                             f"{', '.join(ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
         if drop_layer is not None:
             warnings.warn(f"BatchNormAct2d: a drop_layer ({type(self.drop).__name__}) between the batch-norm and "
                           f"the activation cannot be fused; this module runs the activation unfused", stacklevel=2)
@@ -250,7 +183,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if act is None:
             return True
         return (describe_activation(act) == ("identity", 0.01) and (drop is None or isinstance(drop, nn.Identity))
-                and not _hooks_active(act, drop))
+                and not hooks_active(act, drop))
 
     def fuses_partner(self) -> bool:
         """Whether this call applies the activation of the module conversion fused away after it (an
@@ -260,7 +193,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if partner is None:
             return False
         activation_module = partner.activation_module
-        return (partner.stands_in_place() and not _hooks_active(self, partner, activation_module)
+        return (partner.stands_in_place() and not hooks_active(self, partner, activation_module)
                 and describe_activation(activation_module) is not None)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, activation: str | None = None,
@@ -269,10 +202,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         converted forwards pass (``fused_site``), else the module's own (``own_activation``)."""
         if self.__dict__.get("_fusedres_alone"):  # the batch-norm alone (running_alone)
             activation, negative_slope = "identity", 0.01
-        if _tracing(input, residual):  # one node, doing what the original module did (a plain one: no activation)
+        if tracing(input, residual):  # one node, doing what the original module did (a plain one: no activation)
             if activation is None and self.was_plain_batch_norm():
                 activation, negative_slope = "identity", 0.01
-            return _fx_leaf(self, (input, residual), {} if activation is None else
+            return fx_leaf(self, (input, residual), {} if activation is None else
                             dict(activation=activation, negative_slope=negative_slope))
         self._check_input_dim(input)
         name = type(self).__name__
@@ -282,9 +215,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
             own = self.own_activation()
             # its act (and drop) run as modules when they are not fusable, or hooked
             unfused_activation = (own is None or (drop is not None and not isinstance(drop, nn.Identity))
-                                  or ("act" in self._modules and _hooks_active(self.act, drop)))
+                                  or ("act" in self._modules and hooks_active(self.act, drop)))
             if own is None:
-                _warn_once(f"act:{type(self.act).__name__}",
+                warn_once(f"act:{type(self.act).__name__}",
                            f"{name}: its activation {type(self.act).__name__} is not one fusedres fuses; it runs "
                            f"unfused after the fused batch-norm (exact)")
             elif residual is not None and unfused_activation and not isinstance(drop, nn.Identity):
@@ -299,9 +232,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
         synchronized = self._synchronized()
         # Checked before num_batches_tracked moves: a call that raises leaves the module as it was. (A synchronized
         # batch-norm's values per channel are the whole group's.)
-        FF._check_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                 use_batch_stats, momentum, self.eps, activation, negative_slope,
-                                 values_per_channel_known=not synchronized)
+        FF.validate_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
+                                   use_batch_stats, momentum, self.eps, activation, negative_slope,
+                                   values_per_channel_known=not synchronized)
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -312,9 +245,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
                                                   momentum, self.eps, activation, negative_slope,
                                                   num_batches_tracked, self.__dict__.get("process_group"))
         else:
-            out = FF._batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
-                                     use_batch_stats, momentum, self.eps, activation, negative_slope,
-                                     num_batches_tracked=num_batches_tracked)
+            out = ops.dispatch_batch_norm_act(input, residual, running_mean, running_var, self.weight, self.bias,
+                                              use_batch_stats, momentum, self.eps, activation, negative_slope,
+                                              num_batches_tracked)
         if unfused_activation:
             return self.act(drop(out) if drop is not None else out)
         return out
@@ -437,154 +370,17 @@ class AddReLU(nn.Module):
     __prepare_scriptable__ = refuse_scripting
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
-        traced = _fx_leaf(self, (input, residual), {})
+        traced = fx_leaf(self, (input, residual), {})
         return traced if traced is not None else FF.add_relu(input, residual)
 
 
-def _warn_unfused(module: nn.Module) -> None:
-    kind = type(module).__name__
-    _warn_once(f"replaced:{kind}",
-               f"fusedres: a fused batch-norm was replaced by a {kind} (e.g. by nn.SyncBatchNorm's "
-               f"convert_sync_batchnorm or a batch-norm freezer); its sites now run batch-norm, add and activation "
-               f"unfused: exact, but without the fused kernels. For synchronized batch-norm use "
-               f"fusedres.convert_sync_batchnorm, which keeps them fused; for other tools, call fusedres.revert "
-               f"before them and fusedres.convert after them.")
+def __getattr__(name: str):
+    """Converted models pickled before 2026-12-01 name the conversion runtime here (their forwards import
+    ``fusedres.modules.fused_site``; their stand-ins are ``fusedres.modules.ActivationFusedAway``)."""
+    if name in ("fused_site", "ActivationFusedAway", "fuse_activation_module", "running_alone"):
+        from . import converted
 
-
-@contextlib.contextmanager
-def running_alone(batch_norms):
-    """Inside the block, these fused batch-norms compute the batch-norm alone when called, as the plain
-    batch-norms they were (a converted block falling back to its original forward)."""
-    saved = [(m, m.__dict__.get("_fusedres_alone")) for m in batch_norms if isinstance(m, BatchNormAct2d)]
-    for module, _ in saved:
-        module.__dict__["_fusedres_alone"] = True
-    try:
-        yield
-    finally:
-        for module, previous in saved:
-            if previous is None:
-                module.__dict__.pop("_fusedres_alone", None)
-            else:
-                module.__dict__["_fusedres_alone"] = previous
-
-
-def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] = None, activation: str = "relu",
-               negative_slope: float = 0.01, activation_module: nn.Module | None = None) -> Tensor:
-    """A site of a converted forward: act(batch_norm(input) [+ residual]). ``activation_module``: the module the
-    original forward called for the activation, looked up at call time (its activation is read from it then);
-    else ``activation`` and ``negative_slope``, the function's. Fused when the batch-norm is still a
-    BatchNormAct2d, the activation one fusedres fuses, a residual of the batch-norm output's shape, and no hook
-    watches the batch-norm or the activation module; otherwise unfused, each module called as the original forward
-    called it (exact)."""
-    if activation_module is not None:
-        activation, negative_slope = describe_activation(activation_module) or (None, 0.01)
-    tracing = _tracing(input, residual)  # the original's nodes: batch-norm, add, activation (module docstring)
-    fusable = isinstance(batch_norm, BatchNormAct2d) and activation is not None and not tracing
-    if fusable and residual is not None:
-        fusable = isinstance(residual, Tensor) and residual.shape == input.shape  # else eager broadcasts
-    if fusable and batch_norm.applies_only_own_activation() and not _hooks_active(batch_norm, activation_module):
-        return batch_norm(input, residual, activation=activation, negative_slope=negative_slope)
-    if isinstance(batch_norm, BatchNormAct2d):
-        if not tracing:
-            _warn_once("site", "fusedres: a converted site runs unfused (exact, slower): a hook watches its "
-                               "batch-norm or activation module, its activation module is one fusedres does not "
-                               "fuse, or its residual broadcasts; each such site is exact while that lasts")
-        # the batch-norm as the original forward called it: alone, or with its own (timm) act
-        out = batch_norm(input) if "act" in batch_norm._modules else batch_norm(input, activation="identity")
-    else:
-        _warn_unfused(batch_norm)
-        out = batch_norm(input)
-    if residual is not None:
-        out = out + residual
-    if activation_module is not None:
-        return activation_module(out)
-    return EAGER_ACTIVATIONS[activation](out, negative_slope)
-
-
-class ActivationFusedAway(nn.Module):
-    """Stands where an activation module was whose work the batch-norm before it (``parent.<batch_norm_name>``,
-    a BatchNormAct2d) now does, while that batch-norm ``fuses_partner()``; otherwise (the batch-norm replaced by
-    a module that does not apply it, a hook on either, the activation changed to one fusedres does not fuse) it
-    applies the activation module itself (exact). Attributes of the activation module (``negative_slope``,
-    ``inplace``...) are read and written through it. ``fusedres.revert`` puts the activation module back."""
-
-    __prepare_scriptable__ = refuse_scripting
-
-    def __init__(self, activation: nn.Module, parent: nn.Module, batch_norm_name: str, activation_name: str):
-        nn.Module.__init__(self)
-        # Plain attributes, not submodules: no state_dict entries, no second path to the parent.
-        self.__dict__["activation_module"] = activation
-        self.__dict__["parent"] = parent
-        self.__dict__["batch_norm_name"] = batch_norm_name
-        self.__dict__["activation_name"] = activation_name
-        self.training = activation.training
-
-    @classmethod
-    def standing_for(cls, activation: nn.Module, parent: nn.Module, batch_norm_name: str,
-                     activation_name: str) -> "ActivationFusedAway":
-        """A stand-in that is also an instance of ``activation``'s class (code that finds activations by type,
-        to replace them, finds it), made from that class and this one (``fusedres.converted``)."""
-        from .converted import fused_module_class
-
-        kind = fused_module_class(cls, type(activation)) if not isinstance(activation, cls) else cls
-        stand_in = kind.__new__(kind)
-        cls.__init__(stand_in, activation, parent, batch_norm_name, activation_name)
-        return stand_in
-
-    def stands_in_place(self) -> bool:
-        """Whether this module is still where the activation module was."""
-        return self.__dict__["parent"]._modules.get(self.__dict__.get("activation_name")) is self
-
-    def forward(self, input: Tensor, *, apply: bool = False) -> Tensor:
-        """The input as it is while the batch-norm fuses this activation; else (or ``apply``) the activation."""
-        if _tracing(input):  # the original's node: the activation, applied (the batch-norm's node did not)
-            return _fx_leaf(self, (input,), {"apply": True})
-        batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])
-        if apply:
-            pass
-        elif isinstance(batch_norm, BatchNormAct2d):
-            partner = batch_norm.__dict__.get("_fusedres_partner")
-            # (no partner: converted before 2026-12-01, when the batch-norm always applied the activation). A
-            # DataParallel replica has its own stand-in holding the same activation module.
-            if partner is None or (partner.__dict__["activation_module"] is self.__dict__["activation_module"]
-                                   and batch_norm.fuses_partner()):
-                return input
-        else:
-            _warn_unfused(batch_norm)
-        # Its call fires the hooks of the activation module's place (global ones included); the module's own
-        # (registered on it before a conversion in place) fire only if it has some.
-        activation_module = self.__dict__["activation_module"]
-        return activation_module(input) if _own_hooks(activation_module) else activation_module.forward(input)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["activation_module"], name)
-
-    def __setattr__(self, name: str, value) -> None:
-        module = self.__dict__.get("activation_module")
-        if module is not None and name == "training":  # train() and eval() reach the activation module too
-            module.training = value
-        if module is not None and name != "training" and not name.startswith("_") and hasattr(module, name):
-            setattr(module, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def extra_repr(self) -> str:
-        return f"{self.__dict__['activation_module']!r} fused into {self.__dict__['batch_norm_name']}"
-
-
-def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_name: str) -> None:
-    """``parent.<batch_norm_name>`` (an nn.BatchNorm2d) takes over the work of ``parent.<activation_name>`` (a
-    module that ``describe_activation`` knows): the batch-norm becomes a BatchNormAct2d (a BatchNormReLU2d for
-    ReLU) in place, the activation module an ActivationFusedAway, each knowing the other. Idempotent."""
-    activation_module = parent._modules[activation_name]
-    if isinstance(activation_module, ActivationFusedAway):
-        return
-    activation, negative_slope = describe_activation(activation_module)
-    batch_norm = parent._modules[batch_norm_name]
-    fused_class_for(batch_norm, activation).fuse(batch_norm, activation, negative_slope)
-    stand_in = ActivationFusedAway.standing_for(activation_module, parent, batch_norm_name, activation_name)
-    parent._modules[activation_name] = stand_in
-    batch_norm.__dict__["_fusedres_partner"] = stand_in
+        return getattr(converted, name)
+    if name == "describe_activation":
+        return describe_activation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,10 @@
 """The op layer: registered ops (``torch.library``), their fake functions and autograd, and the backend choice.
 
+Each registered op is a ``run_*`` function (checks the device, arranges layouts, allocates outputs, calls the
+launchers of ``fusedres/kernels``), registered with ``torch.library``; ``dispatch_batch_norm_act`` and
+``dispatch_add_act``, the entry points of the public functions and modules (validated by them), choose the backend
+and call the registered ops.
+
 Registered ops, all under the ``fusedres`` namespace:
   batch_norm_stats_(input, running_mean!?, running_var!?, momentum, num_batches_tracked?) -> (mean, var)
       batch statistics; moves the running statistics in place                                   one launch
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import DERIVATIVE_FROM_OUTPUT, INTERPRETING, recording_only
+from .activations import DERIVATIVE_FROM_OUTPUT, eager_activation
+from .kernels import INTERPRETING, recording_only
 from .kernels import add_act as add_act_launchers
 from .kernels import batch_norm as batch_norm_launchers
 
@@ -56,7 +62,7 @@ def uses_kernels(t: Tensor) -> bool:
     return not _disabled and (t.is_cuda or INTERPRETING) and torch._C._functorch.peek_interpreter_stack() is None
 
 
-def _on_device(t: Tensor):
+def on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -77,7 +83,7 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if c < w <= h <= n else torch.contiguous_format
 
 
-def _dense(t: Tensor) -> Tensor:
+def dense(t: Tensor) -> Tensor:
     """``t`` itself if it is dense in NCHW or channels_last format, else a copy in its suggested format."""
     if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
         return t
@@ -91,7 +97,7 @@ def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
-def _stats_dtype(t: Tensor) -> torch.dtype:
+def statistics_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -103,7 +109,7 @@ def _result_dtype(input: Tensor, residual: Optional[Tensor]) -> torch.dtype:
 # batch_norm_act
 # ---------------------------------------------------------------------------------------------------------
 
-def batch_norm_stats_kernels(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+def run_batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                              momentum: float, num_batches_tracked: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """The batch mean and biased variance per channel; with running statistics, also moves them toward the
     batch's in place (unbiased variance; factor ``momentum``, or ``1 / num_batches_tracked`` when that tensor is
@@ -111,55 +117,55 @@ def batch_norm_stats_kernels(input: Tensor, running_mean: Optional[Tensor], runn
     the statistics. It runs before the op that saves tensors for backward, as eager's native_batch_norm updates
     the running statistics in the op that saves, so checkpointing's recomputation updates them as eager does."""
     _require_kernels("batch_norm_stats_", input)
-    x = _dense(input)
+    x = dense(input)
     new_stats = torch.empty if x.numel() else torch.zeros  # the statistics pass writes every channel
-    mean = new_stats((x.shape[1],), dtype=_stats_dtype(x), device=x.device)
-    var = new_stats((x.shape[1],), dtype=_stats_dtype(x), device=x.device)
+    mean = new_stats((x.shape[1],), dtype=statistics_dtype(x), device=x.device)
+    var = new_stats((x.shape[1],), dtype=statistics_dtype(x), device=x.device)
     if x.numel() == 0:
         return mean, var  # the empty batch leaves the running statistics as they are, as eager does
-    with _on_device(x):
+    with on_device(x):
         batch_norm_launchers.bn_batch_stats(x, mean, var, running_mean, running_var, momentum=momentum,
                                             num_batches_tracked=num_batches_tracked)
     return mean, var
 
 
-_batch_norm_stats = torch.library.custom_op("fusedres::batch_norm_stats_", batch_norm_stats_kernels,
+_batch_norm_stats = torch.library.custom_op("fusedres::batch_norm_stats_", run_batch_norm_stats,
                                             mutates_args=("running_mean", "running_var"))
 
 
 @_batch_norm_stats.register_fake
 def _(input, running_mean, running_var, momentum, num_batches_tracked):
-    return (input.new_empty((input.shape[1],), dtype=_stats_dtype(input)),
-            input.new_empty((input.shape[1],), dtype=_stats_dtype(input)))
+    return (input.new_empty((input.shape[1],), dtype=statistics_dtype(input)),
+            input.new_empty((input.shape[1],), dtype=statistics_dtype(input)))
 
 
-def batch_norm_act_kernels(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+def run_batch_norm_act(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                            bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float,
                            activation: str, negative_slope: float) -> Tensor:
     """act(batch_norm(input) [+ residual]) with the given statistics: the batch's (from batch_norm_stats_) when
     ``training``, which the backward then differentiates through, else the running ones."""
     _require_kernels("batch_norm_act", input)
-    x = _dense(input)
+    x = dense(input)
     y = torch.empty_like(x, dtype=_result_dtype(input, residual))
     if x.numel() == 0:
         return y
     if residual is not None and not batch_norm_launchers.walkable(x, residual):
         residual = _laid_out_like(residual, x)
-    with _on_device(x):
+    with on_device(x):
         batch_norm_launchers.bn_act_apply(x, residual, mean, var, weight, bias, eps, y, activation=activation,
                                           slope=negative_slope)
     return y
 
 
-_batch_norm_act = torch.library.custom_op("fusedres::batch_norm_act", batch_norm_act_kernels, mutates_args=())
+_batch_norm_act = torch.library.custom_op("fusedres::batch_norm_act", run_batch_norm_act, mutates_args=())
 
 
 @_batch_norm_act.register_fake
 def _(input, residual, weight, bias, mean, var, training, eps, activation, negative_slope):
-    return torch.empty_like(_dense(input), dtype=_result_dtype(input, residual))
+    return torch.empty_like(dense(input), dtype=_result_dtype(input, residual))
 
 
-def batch_norm_act_backward_kernels(grad_output: Tensor, input: Tensor, residual: Optional[Tensor],
+def run_batch_norm_act_backward(grad_output: Tensor, input: Tensor, residual: Optional[Tensor],
                                     output: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                                     mean: Tensor, var: Tensor, training: bool, eps: float, activation: str,
                                     negative_slope: float, output_mask: list[bool]
@@ -185,10 +191,10 @@ def batch_norm_act_backward_passes(grad_output: Tensor, input: Tensor, residual:
     with this rank's ``[2, channels]`` sum(dz), sum(dz * xhat); it returns the whole group's per-channel means of
     them, which the dx pass then takes with count 1."""
     want_x, want_residual, want_weight, want_bias = output_mask
-    x = _dense(input)
+    x = dense(input)
     if x.numel() == 0:
         if sums_to_means is not None and training and want_x:
-            sums_to_means(torch.zeros((2, x.shape[1]), dtype=_stats_dtype(x), device=x.device))
+            sums_to_means(torch.zeros((2, x.shape[1]), dtype=statistics_dtype(x), device=x.device))
         grad_x, grad_z, grad_weight, grad_bias = _backward_outputs(x, output if output is not None else residual,
                                                                    weight, bias, output_mask)
         return grad_x, grad_z, grad_weight.zero_(), grad_bias.zero_()
@@ -197,13 +203,13 @@ def batch_norm_act_backward_passes(grad_output: Tensor, input: Tensor, residual:
     grad_x, grad_z, grad_weight, grad_bias = _backward_outputs(x, pre, weight, bias, output_mask)
     like = pre if pre is not None else x
     grad_y = grad_output if batch_norm_launchers.walkable(x, grad_output) else _laid_out_like(grad_output, like)
-    sums = torch.empty((2, x.shape[1]), dtype=_stats_dtype(x), device=x.device)
+    sums = torch.empty((2, x.shape[1]), dtype=statistics_dtype(x), device=x.device)
     # dz is written by the reduction and read by the dx pass where the pre-activation needed more than x.
     keep_grad_z = pre is not None and (want_residual or (training and want_x))
     if keep_grad_z and grad_z.numel() == 0:
         grad_z = torch.empty_like(pre, dtype=torch.promote_types(x.dtype, pre.dtype))
     activation_args = dict(activation=activation, slope=negative_slope)
-    with _on_device(x):
+    with on_device(x):
         batch_norm_launchers.bn_act_backward_reduce(
             grad_y, x, mean, var, weight, bias, eps, sums_out=sums, output=output, residual=residual,
             grad_z_out=grad_z if keep_grad_z else None,
@@ -227,7 +233,7 @@ def _walkable_residual(x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor
     can read (copied otherwise)."""
     if residual is None:
         return None
-    residual = _dense(residual)
+    residual = dense(residual)
     return residual if batch_norm_launchers.walkable(x, residual) else _laid_out_like(residual, x)
 
 
@@ -244,18 +250,18 @@ def _backward_outputs(x, pre, weight, bias, output_mask):
 
 
 _batch_norm_act_backward = torch.library.custom_op("fusedres::batch_norm_act_backward",
-                                                   batch_norm_act_backward_kernels, mutates_args=())
+                                                   run_batch_norm_act_backward, mutates_args=())
 
 
 @_batch_norm_act_backward.register_fake
 def _(grad_output, input, residual, output, weight, bias, mean, var, training, eps, activation, negative_slope,
       output_mask):
-    x = _dense(input)
+    x = dense(input)
     pre = output if output is not None else _walkable_residual(x, residual)
     return _backward_outputs(x, pre, weight, bias, output_mask)
 
 
-def _pre_activation_source(activation: str, has_residual: bool) -> str:
+def pre_activation_source(activation: str, has_residual: bool) -> str:
     """What the backward needs beyond the input to take the activation's derivative: "none" (no residual was
     added, or the identity), "output" (the ReLU family), or "residual"."""
     if not has_residual or activation == "identity":
@@ -263,9 +269,9 @@ def _pre_activation_source(activation: str, has_residual: bool) -> str:
     return "output" if activation in DERIVATIVE_FROM_OUTPUT else "residual"
 
 
-def _batch_norm_act_setup_context(ctx, inputs, output):
+def batch_norm_act_setup_context(ctx, inputs, output):
     input, residual, weight, bias, mean, var, training, eps, activation, negative_slope = inputs
-    ctx.source = _pre_activation_source(activation, residual is not None)
+    ctx.source = pre_activation_source(activation, residual is not None)
     pre = {"none": None, "output": output, "residual": residual}[ctx.source]
     ctx.save_for_backward(input, pre, weight, bias, mean, var)
     ctx.training, ctx.eps, ctx.activation, ctx.negative_slope = training, eps, activation, negative_slope
@@ -273,7 +279,7 @@ def _batch_norm_act_setup_context(ctx, inputs, output):
 
 
 def batch_norm_act_gradients(ctx, grad_y: Tensor, backward: Callable) -> tuple:
-    """The gradients of (input, residual, weight, bias), from what ``_batch_norm_act_setup_context`` kept in
+    """The gradients of (input, residual, weight, bias), from what ``batch_norm_act_setup_context`` kept in
     ``ctx``, through ``backward`` (the registered backward op, or a synchronized batch-norm's passes)."""
     input, pre, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -296,26 +302,26 @@ def _batch_norm_act_autograd(ctx, grad_y):
     return batch_norm_act_gradients(ctx, grad_y, torch.ops.fusedres.batch_norm_act_backward) + (None,) * 6
 
 
-_batch_norm_act.register_autograd(_batch_norm_act_autograd, setup_context=_batch_norm_act_setup_context)
+_batch_norm_act.register_autograd(_batch_norm_act_autograd, setup_context=batch_norm_act_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # add_act
 # ---------------------------------------------------------------------------------------------------------
 
-def add_act_kernels(input: Tensor, residual: Tensor, activation: str, negative_slope: float) -> Tensor:
+def run_add_act(input: Tensor, residual: Tensor, activation: str, negative_slope: float) -> Tensor:
     """act(input + residual), in the promoted dtype and the layout eager gives."""
     _require_kernels("add_act", input)
     y = torch.empty_like(input, dtype=_result_dtype(input, residual))  # eager's layout for input + residual
     if y.numel() == 0:
         return y
-    with _on_device(y):
+    with on_device(y):
         add_act_launchers.add_act_forward(_laid_out_like(input, y), _laid_out_like(residual, y), y,
                                           activation=activation, slope=negative_slope)
     return y
 
 
-_add_act = torch.library.custom_op("fusedres::add_act", add_act_kernels, mutates_args=())
+_add_act = torch.library.custom_op("fusedres::add_act", run_add_act, mutates_args=())
 
 
 @_add_act.register_fake
@@ -323,7 +329,7 @@ def _(input, residual, activation, negative_slope):
     return torch.empty_like(input, dtype=_result_dtype(input, residual))
 
 
-def act_backward_kernels(grad_output: Tensor, first: Tensor, second: Optional[Tensor], activation: str,
+def run_act_backward(grad_output: Tensor, first: Tensor, second: Optional[Tensor], activation: str,
                          negative_slope: float) -> Tensor:
     """grad_output * act'(z): z is ``first``, the output, when ``second`` is None (the ReLU family), else
     ``first + second``; in the layout and dtype of ``first`` (of their sum)."""
@@ -332,14 +338,14 @@ def act_backward_kernels(grad_output: Tensor, first: Tensor, second: Optional[Te
     grad = torch.empty_like(like)
     if grad.numel() == 0:
         return grad
-    with _on_device(first):
+    with on_device(first):
         add_act_launchers.act_backward(_laid_out_like(grad_output, like), _laid_out_like(first, like),
                                        None if second is None else _laid_out_like(second, like), grad,
                                        activation=activation, slope=negative_slope)
     return grad
 
 
-_act_backward = torch.library.custom_op("fusedres::act_backward", act_backward_kernels, mutates_args=())
+_act_backward = torch.library.custom_op("fusedres::act_backward", run_act_backward, mutates_args=())
 
 
 @_act_backward.register_fake
@@ -349,7 +355,7 @@ def _(grad_output, first, second, activation, negative_slope):
 
 def _add_act_setup_context(ctx, inputs, output):
     input, residual, activation, negative_slope = inputs
-    ctx.source = _pre_activation_source(activation, True)
+    ctx.source = pre_activation_source(activation, True)
     ctx.save_for_backward(*{"none": (), "output": (output,), "residual": (input, residual)}[ctx.source])
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.dtypes = (input.dtype, residual.dtype)
@@ -380,26 +386,14 @@ for _backward_op in (_batch_norm_act_backward, _act_backward):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Python entry points used by fusedres.functional: backend choice, then the registered ops.
+# The op layer's entry points (fusedres.functional's and the modules', after their validation): the backend
+# choice, then the registered ops.
 # ---------------------------------------------------------------------------------------------------------
 
-EAGER_ACTIVATIONS = {
-    "identity": lambda z, slope: z,
-    "relu": lambda z, slope: torch.relu(z),
-    "relu6": lambda z, slope: F.relu6(z),
-    "leaky_relu": lambda z, slope: F.leaky_relu(z, slope),
-    "silu": lambda z, slope: F.silu(z),
-    "gelu": lambda z, slope: F.gelu(z),
-    "gelu_tanh": lambda z, slope: F.gelu(z, approximate="tanh"),
-    "hardswish": lambda z, slope: F.hardswish(z),
-    "mish": lambda z, slope: F.mish(z),
-}  # the eager expression each activation stands for (the unfused path, and the tests' reference)
-
-
-def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                   training: bool, momentum: float, eps: float, activation: str = "relu",
-                   negative_slope: float = 0.01, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+def dispatch_batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                            running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                            training: bool, momentum: float, eps: float, activation: str = "relu",
+                            negative_slope: float = 0.01, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """act(batch_norm(input) [+ residual]); updates the running statistics in place when training.
 
     ``num_batches_tracked`` (already incremented) selects the cumulative average (nn.BatchNorm2d's
@@ -408,7 +402,7 @@ def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Opti
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return EAGER_ACTIVATIONS[activation](y if residual is None else y + residual, negative_slope)
+        return eager_activation(activation, y if residual is None else y + residual, negative_slope)
     if training:
         # The statistics are not differentiated through this op (batch_norm_act's backward does it).
         mean, var = torch.ops.fusedres.batch_norm_stats_(input.detach(), running_mean, running_var, momentum,
@@ -419,8 +413,9 @@ def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Opti
                                              float(negative_slope))
 
 
-def add_act(input: Tensor, residual: Tensor, activation: str = "relu", negative_slope: float = 0.01) -> Tensor:
+def dispatch_add_act(input: Tensor, residual: Tensor, activation: str = "relu",
+                     negative_slope: float = 0.01) -> Tensor:
     """act(input + residual)."""
     if not uses_kernels(input):
-        return EAGER_ACTIVATIONS[activation](input + residual, negative_slope)
+        return eager_activation(activation, input + residual, negative_slope)
     return torch.ops.fusedres.add_act(input, residual, activation, float(negative_slope))

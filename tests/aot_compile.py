@@ -2,8 +2,9 @@
 
 Triton's interpreter accepts code the GPU compiler rejects; this catches it. Run as a script in a process
 where TRITON_INTERPRET is not set (tests/test_aot_compile.py does): the launchers are called on meta tensors
-under ``recorded_launches()``, every launch they would make is turned into an ``ASTSource`` and compiled for
-each target.
+under ``recorded_launches()``, every launch they would make is specialised as Triton's JIT would
+(``fusedres.report.compiled.specialise``, the kernel report's route; pointers without the 16-byte alignment
+hint, the most general code) and compiled for each target.
 
     python -m tests.aot_compile [--targets 90,80,89] [--quick]
 """
@@ -21,51 +22,17 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from fusedres.kernels import add_act as AK  # noqa: E402
 from fusedres.kernels import batch_norm as BK  # noqa: E402
 from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64, recorded_launches  # noqa: E402
+from fusedres.report.compiled import Specialisation, compile_for, specialise  # noqa: E402
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32"}
 META = torch.device("meta")
 
 # docs/design.md's ResNet-50 batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
 SHAPES = [(128, c, hw, hw) for c, hw in [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
                                          (1024, 14), (512, 7), (2048, 7)]] + [(3, 37, 5, 7), (1, 3, 1, 1)]
-
-
-def _spec(kernel, args: dict, num_warps: int):
-    """(kernel, signature, constexprs, num_warps) as the JIT would specialise this launch."""
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        value = args[param.name]
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            if value == 1:  # the JIT specialises integers equal to 1
-                signature[param.name] = "constexpr"
-                constexprs[param.name] = 1
-            else:
-                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.fn.__name__}: cannot type argument {param.name}={value!r}")
-    return kernel, signature, constexprs, num_warps
-
-
-def _key(spec):
-    kernel, signature, constexprs, num_warps = spec
-    return (kernel.fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
-            num_warps)
 
 
 def _tensor(shape, dtype, channels_last=False):
@@ -88,21 +55,20 @@ def record_variants(quick: bool) -> list:
             with context:
                 _call_launchers(shape, dtype, param_dtype, channels_last)
     for kernel, args, num_warps in launches:
-        spec = _spec(kernel, args, num_warps)
-        specs.setdefault(_key(spec), spec)
+        spec = specialise(kernel, args, num_warps, aligned=False)
+        specs.setdefault(spec.key, spec)
     return _covering_subset(list(specs.values()))
 
 
 _WALK = ("CHANNELS_LAST", "SLAB_INNER", "ALIGN", "INT64")
 
 
-def _features(spec) -> set:
+def _features(spec: Specialisation) -> set:
     """What a variant exercises in the compiler: each argument's type or switch value, the whole set of boolean
     switches, the walk (layout, slab or rows, alignment hints, 64-bit offsets) with the warps, the data types
     (the input's and the accumulator's) with the kind of walk, and each pointer's type with the accumulator's.
     Tile sizes and H*W values are not features of their own."""
-    kernel, signature, constexprs, num_warps = spec
-    name = kernel.fn.__name__
+    signature, constexprs, num_warps, name = spec.signature, spec.constexpr_values, spec.num_warps, spec.name
     switches = tuple(sorted((k, v) for k, v in constexprs.items()
                             if (isinstance(v, bool) or v is None) and k not in _WALK))
     walk = (constexprs.get("CHANNELS_LAST"), bool(constexprs.get("SLAB_INNER")), constexprs.get("ALIGN", 1) > 1,
@@ -191,15 +157,13 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
                           num_batches_tracked=num_batches_tracked)
 
 
-def _compile(job):
-    (module, name, signature, constexprs, num_warps), capability = job
-    kernel = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+def _compile(job: tuple[Specialisation, int]):
+    spec, capability = job
     try:
-        triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+        compile_for(spec, capability)
         return None
     except Exception as error:  # report every failure, not just the first
-        return f"{name} sm_{capability} {constexprs}: {type(error).__name__}: {error}"
+        return f"{spec.name} sm_{capability} {spec.constexpr_values}: {type(error).__name__}: {error}"
 
 
 def main(argv=None) -> int:
@@ -211,12 +175,10 @@ def main(argv=None) -> int:
     start = time.time()
     specs = record_variants(options.quick)
     capabilities = [int(t) for t in options.targets.split(",")]
-    # Kernels travel to the workers by name: a JITFunction does not pickle.
-    portable = [(k.fn.__module__, k.fn.__name__, sig, const, warps) for k, sig, const, warps in specs]
-    jobs = list(itertools.product(portable, capabilities))
+    jobs = list(itertools.product(specs, capabilities))  # (a Specialisation travels by its kernel's name)
     with ProcessPoolExecutor(max_workers=options.jobs) as pool:
         failures = [f for f in pool.map(_compile, jobs, chunksize=4) if f]
-    kernels = sorted({spec[0].fn.__name__ for spec in specs})
+    kernels = sorted({spec.name for spec in specs})
     print(f"aot_compile: {len(specs)} variants of {len(kernels)} kernels x {len(capabilities)} targets "
           f"(triton {triton.__version__}) in {time.time() - start:.0f} s: {len(failures)} failed")
     for failure in failures:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fusedres import kernel_report
+from fusedres.report import kernel_report
 from fusedres.benchmark import cli, environment
 from fusedres.benchmark.cases import floor_bytes
 from fusedres.benchmark.report import ENV_FIELDS, KERNELS_HEADING, ROW_FIELDS

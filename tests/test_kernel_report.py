@@ -20,7 +20,7 @@ def test_kernels_compiled_for_sm90_stay_within_the_report_limits():
     """(--full: compiles every op's kernels on ResNet-50's sites for sm_90, 70-120 s.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-m", "fusedres.kernel_report", "--jobs", str(os.cpu_count() or 1)],
+    result = subprocess.run([sys.executable, "-m", "fusedres.report.kernel_report", "--jobs", str(os.cpu_count() or 1)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(result.stdout[-20000:])
     assert result.returncode == 0, f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"

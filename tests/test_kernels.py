@@ -10,8 +10,8 @@ import fusedres.functional as FF
 from fusedres.kernels import add_act as AK
 from fusedres.kernels import batch_norm as BK
 from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64
-from fusedres.ops import EAGER_ACTIVATIONS
-from tests.helpers import DEVICE, FULL, assert_close, fp64_copy, make_input, make_params, reference_batch_norm_act
+from tests.helpers import (DEVICE, FULL, REFERENCE_ACTIVATIONS, assert_close, fp64_copy, make_input, make_params,
+                           reference_batch_norm_act)
 
 # (block_rows, block_channels, target_programs, slab); none given: the shape heuristic. A slab's rows are all of
 # H*W, so it takes no block_rows.
@@ -152,7 +152,7 @@ def test_add_act_kernels(block, activation):
     y = poisoned(like=r)
     AK.add_act_forward(x, r, y, activation=activation, slope=0.2, block=block)
     z64 = (x.double() + r.double()).requires_grad_()
-    y64 = EAGER_ACTIVATIONS[activation](z64, 0.2)
+    y64 = REFERENCE_ACTIVATIONS[activation](z64, 0.2)
     assert_close(y, y64, "output")
     g = make_input(y.shape, torch.float32, shift=0.0)
     (ref,) = torch.autograd.grad(y64, z64, g.double())

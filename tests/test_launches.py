@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fusedres.functional as FF
-from fusedres import kernel_report
+from fusedres.report import kernel_report
 from fusedres.kernels import recorded_launches
-from fusedres.kernels._launch import overridden_constants
+from fusedres.kernels.walk import overridden_constants
 from tests.helpers import DEVICE, FULL, INTERPRETING, make_input, make_params
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="counts launches and bytes in Triton's interpreter")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fusedres.kernels import batch_norm as BK
-from fusedres.kernels._launch import _tickets, overridden_constants
+from fusedres.kernels.walk import overridden_constants, ticket_counter_buffers
 from tests.helpers import DEVICE, assert_close, make_input, make_params
 
 
@@ -58,7 +58,8 @@ def _assert_tail_and_many_splits(x: torch.Tensor) -> None:
 def _assert_counters_back_at_zero() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-    on_this_device = [counters for (device, _), counters in _tickets.items() if device.type == DEVICE.type]
+    on_this_device = [counters for (device, _), counters in ticket_counter_buffers().items()
+                      if device.type == DEVICE.type]
     assert on_this_device and all(int(counters.abs().sum()) == 0 for counters in on_this_device), (
         "ticket counters not reset")  # (other tests' launches recorded on meta tensors keep meta counters)
 

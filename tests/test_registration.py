@@ -46,7 +46,7 @@ def test_opcheck_batch_norm_act_backward():
         r = None if r is None else r.detach()
         y = torch.ops.fusedres.batch_norm_act(x, r, w, b, mean, var, training, eps, activation, slope)
         g = make_input(y.shape, y.dtype, shift=0.0)
-        source = fusedres.ops._pre_activation_source(activation, r is not None)
+        source = fusedres.ops.pre_activation_source(activation, r is not None)
         args = (g, x, r if source == "residual" else None, y if source == "output" else None, w, b, mean, var,
                 training, eps, activation, slope, [True, source != "none", True, True])
         torch.library.opcheck(torch.ops.fusedres.batch_norm_act_backward.default, args)

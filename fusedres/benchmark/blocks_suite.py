@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .cases import no_grad_call
-from .runner import (INTERPRETER_NOTE, Settings, case_rows, dtype_name, fresh_compile, max_error, measure_cpu,
-                     measure_gpu, progress)
+from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
+                     rows_of_cases)
 
 
 def _seed(name, *args):
@@ -104,19 +104,17 @@ def run_blocks(settings: Settings) -> Iterator[dict]:
     modes = ("inference", "forward_backward")
     cases = [(b, dtype, layout, mode) for b in blocks for dtype in settings.dtypes for layout in settings.layouts
              for mode in modes]
-    bar = progress(len(cases), "blocks")
-    try:
-        for (name, make, channels, size), dtype, layout, mode in cases:
-            if not settings.on_gpu:
-                channels, size = max(4, channels // 16), 8
-            shape = (settings.batch_size, channels, size, size)
-            base = dict(level="block", op=name, mode=mode, shape="x".join(map(str, shape)),
-                        dtype=dtype_name(dtype), layout=layout)
-            yield from case_rows(base, lambda: _block_rows(base, lambda: make(channels), shape, mode, dtype, layout,
-                                                           settings))
-            bar.update(1)
-    finally:
-        bar.close()
+
+    def rows_of(case):
+        (name, make, channels, size), dtype, layout, mode = case
+        if not settings.on_gpu:
+            channels, size = max(4, channels // 16), 8
+        shape = (settings.batch_size, channels, size, size)
+        base = dict(level="block", op=name, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name(dtype),
+                    layout=layout)
+        return base, lambda: _block_rows(base, lambda: make(channels), shape, mode, dtype, layout, settings)
+
+    yield from rows_of_cases(cases, "blocks", rows_of)
 
 
 def _block_rows(base, make, shape, mode, dtype, layout, settings) -> list[dict]:
@@ -172,17 +170,16 @@ def run_models(settings: Settings) -> Iterator[dict]:
     modes = ("inference", "train_step")
     cases = [(m, dtype, layout, mode) for m in models for dtype in settings.dtypes for layout in settings.layouts
              for mode in modes]
-    bar = progress(len(cases), "models")
     size = GPU_IMAGE_SIZE if settings.on_gpu else CPU_IMAGE_SIZE
     shape = (settings.batch_size, 3, size, size)
-    try:
-        for (name, make), dtype, layout, mode in cases:
-            base = dict(level="model", op=f"torchvision.{name}", mode=mode, shape="x".join(map(str, shape)),
-                        dtype=dtype_name(dtype), layout=layout)
-            yield from case_rows(base, lambda: _model_rows(base, make, shape, mode, dtype, layout, settings))
-            bar.update(1)
-    finally:
-        bar.close()
+
+    def rows_of(case):
+        (name, make), dtype, layout, mode = case
+        base = dict(level="model", op=f"torchvision.{name}", mode=mode, shape="x".join(map(str, shape)),
+                    dtype=dtype_name(dtype), layout=layout)
+        return base, lambda: _model_rows(base, make, shape, mode, dtype, layout, settings)
+
+    yield from rows_of_cases(cases, "models", rows_of)
 
 
 def _model_rows(base, make, shape, mode, dtype, layout, settings) -> list[dict]:

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fusedres.activations import eager_activation
+
 # (channels, height = width, what follows the batch-norm, how many times) in ResNet-50.
 RESNET50_SITES = [
     (64, 112, "relu", 1), (64, 56, "relu", 6), (128, 56, "relu", 1), (256, 56, "add_relu", 3),
@@ -17,11 +19,6 @@ RESNET50_SITES = [
 ]
 OPS = ("batch_norm_relu", "batch_norm_add_relu", "add_relu")
 MODES = ("inference", "train_forward", "backward", "forward_backward")
-
-# The eager activation functions a user writes (the baseline's); --activation picks one (default relu).
-EAGER_ACTIVATIONS = {"identity": lambda z: z, "relu": torch.relu, "relu6": F.relu6,
-                     "leaky_relu": lambda z: F.leaky_relu(z, 0.01), "silu": F.silu, "gelu": F.gelu,
-                     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish, "mish": F.mish}
 
 
 def op_label(op: str, activation: str) -> str:
@@ -40,7 +37,7 @@ _ADD_REPORT_MODES = {"inference": ("forward",), "train_forward": ("forward",), "
 def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, activation: str = "relu") -> int:
     """The bytes the fused two-pass design must move for ``op`` in ``mode`` (the kernel report's floors), the same
     count for every provider."""
-    from fusedres.kernel_report import floor_element_bytes  # late: the CLI decides on Triton's interpreter first
+    from fusedres.report.kernel_report import floor_element_bytes  # late: the CLI decides on Triton's interpreter first
 
     numel = 1
     for size in shape:
@@ -52,7 +49,7 @@ def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, 
 
 def eager_op(op: str, training: bool, activation: str = "relu") -> Callable:
     """The eager PyTorch composition a user writes today (the baseline, and what torch.compile compiles)."""
-    act = EAGER_ACTIVATIONS[activation]
+    act = lambda z: eager_activation(activation, z)  # noqa: E731 (the expression a user writes; slope 0.01)
     if op == "add_relu":
         return lambda x, r, rm, rv, w, b: act(x + r)
     if op == "batch_norm_relu":

@@ -3,7 +3,7 @@
 On a GPU: the ops on ResNet-50's batch-norm shapes, the seed's and torchvision's blocks, torchvision's ResNet-18/50
 (inference and a training step) timed with do_bench, providers interleaved case by case in one process; and a
 numerics check, SmallResNet trained eagerly and fused on scikit-learn's digits; the kernels suite, what each op
-launches, moves and compiles to as fusedres.kernel_report predicts it, beside its measured time. Without a GPU: a
+launches, moves and compiles to as fusedres.report.kernel_report predicts it, beside its measured time. Without a GPU: a
 CPU run, labelled as such: eager timed with torch.utils.benchmark, the fused kernels run through Triton's
 interpreter on small shapes and reported by their error against eager PyTorch on float64 copies (interpreter times
 are not speed), and the kernels suite's prediction alone.
@@ -21,8 +21,6 @@ import time
 from typing import Iterable
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# fusedres.functional.ACTIVATIONS, written out: the options are parsed before triton may be imported.
-ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish", "mish")
 PROVIDERS = ("eager", "compile", "fusedres")
 SUITES = ("ops", "blocks", "models", "numerics", "kernels")
 
@@ -39,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ops", default="batch_norm_relu,batch_norm_add_relu,add_relu")
     parser.add_argument("--modes", default="inference,train_forward,backward,forward_backward",
                         help="modes of the ops suite")
-    parser.add_argument("--activation", default="relu", help="the ops suite's activation in ReLU's place: "
-                                                             + ", ".join(ACTIVATIONS))
+    parser.add_argument("--activation", default="relu", help="the ops suite's activation in ReLU's place: one of "
+                                                             "fusedres.functional.ACTIVATIONS")
     parser.add_argument("--numerics-steps", type=int, default=None, help="default: 100 on a GPU, 4 on a CPU")
     parser.add_argument("--numerics-batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on a CPU")
     parser.add_argument("--quick", action="store_true", help="a few shapes and blocks, short timings")
@@ -81,7 +79,7 @@ def _run_suite(suite: str, settings, options, out: pathlib.Path) -> Iterable[dic
 
         return run_models(settings)
     if suite == "kernels":
-        from fusedres.kernel_report import BATCH
+        from fusedres.report.kernel_report import BATCH
 
         from .kernels_suite import run_kernels
 
@@ -106,6 +104,8 @@ def main(argv=None) -> int:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "fusedres.benchmark.cli", *args], env)
+    from fusedres.activations import ACTIVATIONS  # (Triton is imported by now, as this process needs it)
+
     from . import environment, report
     from .runner import Settings
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                         layouts=_choose("layout", options.layout, ("channels_last", "nchw")), providers=providers,
                         batch_size=options.batch_size or (128 if on_gpu else 2), quick=options.quick,
                         warmup_ms=options.warmup_ms, rep_ms=options.rep_ms,
-                        activation=_choose("activation", options.activation, ACTIVATIONS)[0])
+                        activation=_choose("activation", options.activation, ACTIVATIONS)[0])  # (the table's)
     env = environment.collect(device)
     out = options.out or pathlib.Path("fusedres-bench-results") / (
         re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-") + "-" + datetime.date.today().isoformat())

@@ -1,5 +1,5 @@
 """The kernels suite: what each fused op launches, moves and compiles to on ResNet-50's batch-norm shapes, as
-``fusedres.kernel_report`` predicts it without a GPU (kernels compiled for sm_90 and read from the cubin; bytes
+``fusedres.report.kernel_report`` predicts it without a GPU (kernels compiled for sm_90 and read from the cubin; bytes
 counted in Triton's interpreter), with a roofline time at the spec-sheet bandwidth of an H100 and an H200. Every row
 is a prediction from the model and says so (``source``); on a GPU the op is also timed, and the measured time
 stands beside the predicted ones.
@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from fusedres import kernel_report
+from fusedres.report import kernel_report
 from fusedres.kernels import INTERPRETING
 
 from .cases import RESNET50_SITES, fused_op, make_inputs, mode_callable
@@ -123,7 +123,7 @@ def _in_child(half: str, cases: list[dict], jobs: int) -> list[dict]:
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     if half in INTERPRETED_HALVES:
         env["TRITON_INTERPRET"] = "1"
-    package_root = str(pathlib.Path(kernel_report.__file__).resolve().parents[1])
+    package_root = str(pathlib.Path(kernel_report.__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="fusedres-kernels-") as folder:
         cases_path, fields_path = pathlib.Path(folder) / "cases.json", pathlib.Path(folder) / "fields.json"

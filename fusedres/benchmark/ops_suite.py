@@ -9,8 +9,8 @@ import torch
 
 from .cases import (MODES, OPS, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable,
                     op_label)
-from .runner import (INTERPRETER_NOTE, Settings, case_rows, dtype_name, fresh_compile, max_error, measure_cpu,
-                     measure_gpu, progress)
+from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
+                     rows_of_cases)
 
 QUICK_SITES = [(64, 56, "relu", 6), (256, 14, "relu", 11), (512, 28, "add_relu", 4), (2048, 7, "add_relu", 3)]
 
@@ -30,18 +30,16 @@ def run_ops(settings: Settings, ops=OPS, modes=MODES) -> Iterator[dict]:
     cases = [(op, shape, dtype, layout, mode) for op in ops for dtype in settings.dtypes
              for layout in settings.layouts for shape in op_shapes(op, settings.batch_size, settings.on_gpu,
                                                                    settings.quick) for mode in modes]
-    bar = progress(len(cases), "ops")
-    try:
-        for op, shape, dtype, layout, mode in cases:
-            base = dict(level="op", op=op_label(op, settings.activation), mode=mode,
-                        shape="x".join(map(str, shape)), dtype=dtype_name(dtype), layout=layout,
-                        floor_bytes=floor_bytes(op, mode, shape, dtype, settings.activation))
-            spec = (op, mode, shape, dtype, layout == "channels_last")
-            yield from case_rows(base, lambda: _gpu_rows(base, spec, settings) if settings.on_gpu
-                                 else _cpu_rows(base, spec, settings))
-            bar.update(1)
-    finally:
-        bar.close()
+
+    def rows_of(case):
+        op, shape, dtype, layout, mode = case
+        base = dict(level="op", op=op_label(op, settings.activation), mode=mode, shape="x".join(map(str, shape)),
+                    dtype=dtype_name(dtype), layout=layout,
+                    floor_bytes=floor_bytes(op, mode, shape, dtype, settings.activation))
+        spec = (op, mode, shape, dtype, layout == "channels_last")
+        return base, lambda: (_gpu_rows if settings.on_gpu else _cpu_rows)(base, spec, settings)
+
+    yield from rows_of_cases(cases, "ops", rows_of)
 
 
 def _inputs(spec, device, seed=0):

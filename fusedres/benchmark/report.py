@@ -142,7 +142,7 @@ KERNELS_HEADING = ("### Kernels: prediction from the model (compiled for sm_90 w
 
 
 def _kernels_section(rows: list[dict]) -> list[str]:
-    from fusedres.kernel_report import PEAK_BANDWIDTH_GBPS
+    from fusedres.report.kernel_report import PEAK_BANDWIDTH_GBPS
 
     peaks = ", ".join(f"{gpu} {gbps:.0f} GB/s" for gpu, gbps in PEAK_BANDWIDTH_GBPS.items())
     lines = [KERNELS_HEADING, "",

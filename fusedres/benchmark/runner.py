@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -60,6 +60,20 @@ def case_rows(base: dict, rows: Callable[[], list[dict]]) -> list[dict]:
         return [dict(base, provider="(case)", note=f"{base['level']} {base['op']} {base['mode']} {base['shape']} "
                                                    f"{base['dtype']} {base['layout']} failed: "
                                                    f"{type(error).__name__}: {str(error)[:200]}")]
+
+
+def rows_of_cases(cases: list, what: str, rows_of: Callable) -> Iterator[dict]:
+    """Each case's rows as soon as they are measured, behind a progress bar: ``rows_of(case)`` gives ``(base,
+    compute)``, the case's identifying fields and a callable returning its rows (``case_rows`` turns a failure
+    into a row)."""
+    bar = progress(len(cases), what)
+    try:
+        for case in cases:
+            base, compute = rows_of(case)
+            yield from case_rows(base, compute)
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def fresh_compile(fn: Callable) -> Callable:

@@ -1,6 +1,7 @@
-"""The activations the kernels fuse after a batch-norm (or an add), and their derivatives, each computed as eager
-PyTorch computes it (the same formula, in the accumulator dtype), so that results, NaN and Inf, and the
-derivative at ties match ``torch.autograd`` on the eager expression.
+"""The kernels' formulas of the activations in ``fusedres/activations.py``'s table (the names, and which take their
+derivative from the output, live there), and their derivatives, each computed as eager PyTorch computes it (the
+same formula, in the accumulator dtype), so that results, NaN and Inf, and the derivative at ties match
+``torch.autograd`` on the eager expression.
 
 ``ACTIVATION`` is a constexpr string naming one of ``ACTIVATIONS``; ``slope`` is leaky_relu's negative slope (a
 runtime argument, ignored by the others).
@@ -10,10 +11,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish", "mish")
-# Activations whose derivative can be read from their output (y > 0, or 0 < y < 6): with a residual, the
-# backward reads the saved output instead of recomputing the pre-activation from the input and the residual.
-DERIVATIVE_FROM_OUTPUT = ("relu", "relu6")
+from ..activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT
+
+__all__ = ["ACTIVATIONS", "DERIVATIVE_FROM_OUTPUT", "apply_activation", "activation_grad", "checked_activation"]
+
+
+def checked_activation(name: str) -> str:
+    """``name`` if the kernels have a formula for it (a clear error for the launchers' callers otherwise)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"fusedres kernels: unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return name
 
 # The constants are written in the formulas: the GPU compiler refuses a plain global, and the interpreter
 # mishandles a constexpr global on the left of an operator. 0.7071067811865476 = 1 / sqrt(2),

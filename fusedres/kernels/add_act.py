@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from .activations import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation
-from ._launch import accumulator_dtype, fp32_parts, from_fp32_parts, is_dense, launch, needs_int64
+from . import walk
+from .activations import DERIVATIVE_FROM_OUTPUT, activation_grad, apply_activation, checked_activation
+from .walk import accumulator_dtype, from_fp32_parts, is_dense, launch, needs_int64, scalar_args
 
 
 @triton.jit
@@ -60,44 +60,33 @@ def _check_same_dense_layout(name: str, *tensors: torch.Tensor | None) -> None:
                          f"{[tuple(t.stride()) for t in tensors]}")
 
 
-def _slope_args(slope: float) -> dict:
-    slope, slope_residue = fp32_parts(slope)
-    return dict(slope=slope, slope_residue=slope_residue)
-
-
-def _check_activation(name: str) -> str:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"fusedres kernels: unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
-    return name
-
-
 def add_act_forward(x, residual, out, *, activation: str = "relu", slope: float = 0.0,
                     block: int | None = None) -> None:
     """out = act(x + residual); all three share one dense layout."""
     _check_same_dense_layout("add_act_forward", x, residual, out)
-    block = block or _launch.CONSTANTS.flat_block
+    block = block or walk.CONSTANTS.flat_block
     if x.numel() == 0:
         return
     launch(_add_act_kernel, (triton.cdiv(x.numel(), block),), dict(
-        x_ptr=x, residual_ptr=residual, y_ptr=out, numel=x.numel(), **_slope_args(slope),
-        ACTIVATION=_check_activation(activation), ACC=accumulator_dtype(out.dtype), BLOCK=block,
-        INT64=needs_int64(x, residual, out)), 4)
+        x_ptr=x, residual_ptr=residual, y_ptr=out, numel=x.numel(), **scalar_args(slope=slope),
+        ACTIVATION=checked_activation(activation), ACC=accumulator_dtype(out.dtype), BLOCK=block,
+        INT64=needs_int64(x, residual, out)), walk.CONSTANTS.small_num_warps)
 
 
 def act_backward(grad_y, first, second, out, *, activation: str = "relu", slope: float = 0.0,
                  block: int | None = None) -> None:
     """out = grad_y * act'(z), z = ``first`` when ``second`` is None (then ``first`` is the output and the
     activation of the ReLU family), else ``first + second``; all share one dense layout."""
-    activation = _check_activation(activation)
+    activation = checked_activation(activation)
     if second is None and activation not in DERIVATIVE_FROM_OUTPUT:
         raise ValueError(f"fusedres kernels: {activation}'s derivative cannot be read from its output")
     _check_same_dense_layout("act_backward", grad_y, first, second, out)
-    block = block or _launch.CONSTANTS.flat_block
+    block = block or walk.CONSTANTS.flat_block
     if out.numel() == 0:
         return
     launch(_act_backward_kernel, (triton.cdiv(out.numel(), block),), dict(
         grad_y_ptr=grad_y, first_ptr=first, second_ptr=second, grad_z_ptr=out, numel=out.numel(),
-        **_slope_args(slope),
+        **scalar_args(slope=slope),
         ACTIVATION=activation, FROM_OUTPUT=second is None,
         ACC=accumulator_dtype(torch.promote_types(grad_y.dtype, first.dtype)), BLOCK=block,
-        INT64=needs_int64(grad_y, first, second, out)), 4)
+        INT64=needs_int64(grad_y, first, second, out)), walk.CONSTANTS.small_num_warps)

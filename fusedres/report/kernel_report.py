@@ -9,7 +9,7 @@ kernel report").
   distinct bytes its programs read and write (a cache within a launch, none across launches: DRAM traffic when
   the activations do not fit in L2).
 - ``analyse_launches``: what the sm_90 compiler makes of each launch specialised as the JIT would
-  (``fusedres.kernels.compiled``): registers, local memory, occupancy, and the width of the accesses in the
+  (``fusedres.report.compiled``): registers, local memory, occupancy, and the width of the accesses in the
   kernels' loops, which are the activation accesses.
 
 All of it is a prediction from a model, never a measurement of a GPU; the rows say so.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ops
-from .kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, INTERPRETING, recorded_launches
+from .. import ops
+from ..kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, INTERPRETING, recorded_launches
 
 EPS = 1e-5
 MODES = {"batch_norm_relu": ("inference", "train_forward", "train_backward", "eval_backward"),
@@ -99,7 +99,7 @@ def make_tensors(shape, dtype: torch.dtype, channels_last: bool, device) -> OpTe
 def _pre_activation(op: str, activation: str, t: OpTensors, state: dict) -> dict:
     """What the backward reads beyond the input, as ops' autograd saves it: the output (ReLU family), the
     residual (other activations), or nothing (no residual, or the identity)."""
-    source = ops._pre_activation_source(activation, op != "batch_norm_relu")
+    source = ops.pre_activation_source(activation, op != "batch_norm_relu")
     return dict(residual=t.residual if source == "residual" else None, output=state["y"] if source == "output"
                 else None)
 
@@ -107,38 +107,38 @@ def _pre_activation(op: str, activation: str, t: OpTensors, state: dict) -> dict
 def _forward_state(op: str, mode: str, t: OpTensors, activation: str) -> dict:
     """What a backward needs from its forward (the saved output and the statistics the forward used)."""
     if op == "add_relu":
-        return dict(y=ops.add_act_kernels(t.x, t.residual, activation, 0.01))
+        return dict(y=ops.run_add_act(t.x, t.residual, activation, 0.01))
     residual = t.residual if op == "batch_norm_add_relu" else None
     training = mode == "train_backward"
     if training:
-        mean, var = ops.batch_norm_stats_kernels(t.x, None, None, 0.1, None)
+        mean, var = ops.run_batch_norm_stats(t.x, None, None, 0.1, None)
     else:
         mean, var = t.running_mean, t.running_var
-    y = ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, mean, var, training, EPS, activation, 0.01)
+    y = ops.run_batch_norm_act(t.x, residual, t.weight, t.bias, mean, var, training, EPS, activation, 0.01)
     return dict(y=y, mean=mean, var=var)
 
 
 def _launch_op(op: str, mode: str, t: OpTensors, state: dict | None, activation: str) -> None:
-    """Call the op layer's kernel functions for ``op`` in ``mode`` as ``fusedres.ops.batch_norm_act`` /
-    ``add_act`` and their autograd call them (every gradient asked for)."""
+    """Call the op layer's registered ops' functions for ``op`` in ``mode`` as ``fusedres.ops``'
+    ``dispatch_batch_norm_act`` / ``dispatch_add_act`` and their autograd call them (every gradient asked for)."""
     if op == "add_relu":
         if mode == "forward":
-            ops.add_act_kernels(t.x, t.residual, activation, 0.01)
+            ops.run_add_act(t.x, t.residual, activation, 0.01)
         elif activation != "identity":  # the identity's gradient is grad_output itself: nothing launches
             pre = _pre_activation(op, activation, t, state)
             first, second = (state["y"], None) if pre["output"] is not None else (t.x, t.residual)
-            ops.act_backward_kernels(t.grad, first, second, activation, 0.01)
+            ops.run_act_backward(t.grad, first, second, activation, 0.01)
         return
     residual = t.residual if op == "batch_norm_add_relu" else None
     if mode == "inference":
-        ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, t.running_mean, t.running_var, False, EPS,
+        ops.run_batch_norm_act(t.x, residual, t.weight, t.bias, t.running_mean, t.running_var, False, EPS,
                                    activation, 0.01)
     elif mode == "train_forward":
-        mean, var = ops.batch_norm_stats_kernels(t.x, t.running_mean, t.running_var, 0.1, None)
-        ops.batch_norm_act_kernels(t.x, residual, t.weight, t.bias, mean, var, True, EPS, activation, 0.01)
+        mean, var = ops.run_batch_norm_stats(t.x, t.running_mean, t.running_var, 0.1, None)
+        ops.run_batch_norm_act(t.x, residual, t.weight, t.bias, mean, var, True, EPS, activation, 0.01)
     else:
         pre = _pre_activation(op, activation, t, state)
-        ops.batch_norm_act_backward_kernels(t.grad, t.x, pre["residual"], pre["output"], t.weight, t.bias,
+        ops.run_batch_norm_act_backward(t.grad, t.x, pre["residual"], pre["output"], t.weight, t.bias,
                                             state["mean"], state["var"], mode == "train_backward", EPS, activation,
                                             0.01, [True, residual is not None and activation != "identity", True,
                                                    True])
@@ -146,7 +146,7 @@ def _launch_op(op: str, mode: str, t: OpTensors, state: dict | None, activation:
 
 def _check_op_mode(op: str, mode: str) -> None:
     if mode not in MODES.get(op, ()):
-        raise ValueError(f"fusedres.kernel_report: unknown op/mode {op!r}/{mode!r}; known: {OP_MODES}")
+        raise ValueError(f"fusedres.report.kernel_report: unknown op/mode {op!r}/{mode!r}; known: {OP_MODES}")
 
 
 def record(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bool, activation: str = "relu") -> list:
@@ -224,8 +224,8 @@ def count_bytes(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bo
     """The distinct bytes each launch of ``op`` in ``mode`` reads and writes, counted in Triton's interpreter on
     CPU tensors of ``shape`` (keep it small: the interpreter runs about a millisecond per program)."""
     if not INTERPRETING:
-        raise RuntimeError("fusedres.kernel_report.count_bytes: counts in Triton's interpreter; run it in a process "
-                           "started with TRITON_INTERPRET=1")
+        raise RuntimeError("fusedres.report.kernel_report.count_bytes: counts in Triton's interpreter; run it in a "
+                           "process started with TRITON_INTERPRET=1")
     _check_op_mode(op, mode)
     torch.manual_seed(seed)
     t = make_tensors(shape, dtype, channels_last, "cpu")
@@ -285,7 +285,7 @@ def activation_cases(site=(256, 14), configurations=CONFIGURATIONS[:2], batch: i
 
 def analyse_cases(cases: list[dict], *, capability: int = 90, jobs: int = 2) -> list[dict]:
     """Per case: its launches and what the compiler made of them, as one row (see ``kernel_limits``)."""
-    from .kernels.compiled import analyse_all, specialise
+    from .compiled import analyse_all, specialise
 
     recorded = [record(c["op"], c["mode"], c["shape"], c["dtype"], c["channels_last"], c.get("activation", "relu"))
                 for c in cases]
@@ -367,7 +367,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m fusedres.kernel_report [--quick] [--json PATH]``: the compiled half of the report on
+    """``python -m fusedres.report.kernel_report [--quick] [--json PATH]``: the compiled half of the report on
     ResNet-50's sites; exits 1 if a kernel breaks a limit. Run without TRITON_INTERPRET."""
     import argparse
     import json
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=str, default=None, help="write the rows here")
     options = parser.parse_args(argv)
     if INTERPRETING:
-        sys.exit("fusedres.kernel_report: compiles for the GPU; run it without TRITON_INTERPRET=1")
+        sys.exit("fusedres.report.kernel_report: compiles for the GPU; run it without TRITON_INTERPRET=1")
     sites = [RESNET50_SITES[i] for i in (1, 6, 7, 11)] if options.quick else RESNET50_SITES
     started = time.time()
     rows = analyse_cases(site_cases(sites) + activation_cases(), jobs=options.jobs)

@@ -1,5 +1,6 @@
-"""Launch plumbing shared by the kernels: how a kernel walks a tensor, the launch constants, the 64-bit offset
-switch, the ticket counters of the last-program merges, and the launch hook.
+"""The walk and the launch plumbing shared by the kernels: how a kernel walks a tensor (``ChannelGeometry``,
+``TilePlan``, ``plan_tiles``, the kernel arguments that describe it), every launch constant, the 64-bit offset
+switch, scratch and the ticket counters of the last-program merges, and the launch hook.
 
 How a kernel walks an (N, C, H, W) tensor: as ``outer x inner`` rows of ``channels`` columns. A channels_last
 tensor is one ``[N*H*W, C]`` matrix (outer = 1), an NCHW tensor is ``N`` blocks of ``H*W`` contiguous rows per
@@ -49,9 +50,13 @@ class LaunchConstants:
     merge_block_splits: int  # partial rows the merging program reads per step, at least
     flat_block: int          # elements per program of the add + ReLU kernels
     slab_max_inner: int      # NCHW: largest H*W read as slabs (a slab's channel block must fill a tile)
+    max_block_rows: int = 1024   # NCHW rows walk: the most rows of one channel in a tile (the rest: more channels)
+    ranks_block_channels: int = 128  # channels per program of the merge of several ranks' statistics
+    small_num_warps: int = 4     # warps of a small tile (under 2048 elements) and of the per-channel kernels
+    large_num_warps: int = 8     # warps of a tile of 2048 elements or more
 
     def num_warps(self, tile_elements: int) -> int:
-        return 8 if tile_elements >= 2048 else 4
+        return self.large_num_warps if tile_elements >= 2048 else self.small_num_warps
 
 
 # GPU: about four programs per SM of an H100 (132 SMs) at 8 warps; at most 128 partial rows, so the serial merge
@@ -176,6 +181,11 @@ def accumulator_dtype(dtype: torch.dtype):
 
 
 _tickets: dict = {}
+
+
+def ticket_counter_buffers() -> dict:
+    """Every per-stream counter buffer made so far, by (device, stream): all zero between launches."""
+    return dict(_tickets)
 
 
 def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -312,7 +322,7 @@ def plan_tiles(geometry: ChannelGeometry, itemsize: int, *, block_rows: int | No
             if geometry.channels_last:  # a row of channels is the coalesced direction
                 block_channels = min(c_pow2, max(1, k.row_bytes // itemsize))
             else:  # NCHW: the rows of a channel are; take several channels when a channel's rows are few
-                block_channels = min(c_pow2, max(1, tile // min(i_pow2, 1024)))
+                block_channels = min(c_pow2, max(1, tile // min(i_pow2, k.max_block_rows)))
         if block_rows is None:
             block_rows = min(i_pow2, max(1, tile // block_channels))
     inner_blocks = triton.cdiv(geometry.inner, block_rows)
@@ -344,3 +354,44 @@ def stride_alignment(geometry: ChannelGeometry, plan: TilePlan, strides: list[tu
     else:
         values = [geometry.inner, plan.block_rows] + [s for outer, _, channel in strides for s in (outer, channel)]
     return min(_power_of_two_divisor(v) for v in values)
+
+
+def walk_args(geometry: ChannelGeometry, plan: TilePlan, operands: dict) -> dict:
+    """The walk's kernel arguments: the geometry, the split, the walk constexprs and every operand's
+    ``<name>_stride_{outer,inner,channel}``."""
+    strides = {}
+    for name, t in operands.items():
+        if t is None:
+            strides[name] = (0, 0, 0)
+            continue
+        strides[name] = geometry.slab_strides(t) if plan.slab else geometry.strides(t)
+        if strides[name] is None:
+            raise ValueError(f"fusedres kernels: {name} with strides {tuple(t.stride())} cannot be walked in the "
+                             f"input's layout; make it dense in that layout first")
+    args = dict(channels=geometry.channels, inner=geometry.inner, inner_blocks=plan.inner_blocks,
+                chunks=plan.chunks, chunks_per_split=plan.chunks_per_split, BLOCK_R=plan.block_rows,
+                BLOCK_C=plan.block_channels, CHANNELS_LAST=geometry.channels_last,
+                SLAB_INNER=geometry.inner if plan.slab else 0,
+                ALIGN=stride_alignment(geometry, plan, list(strides.values())))
+    for name, (outer, inner, channel) in strides.items():
+        args.update({f"{name}_stride_outer": outer, f"{name}_stride_inner": inner,
+                     f"{name}_stride_channel": channel})
+    return args
+
+
+def vector_args(**vectors) -> dict:
+    """``<name>_ptr`` and ``<name>_stride`` of per-channel vectors (None: absent)."""
+    args = {}
+    for name, t in vectors.items():
+        args[f"{name}_ptr"] = t
+        args[f"{name}_stride"] = 0 if t is None else t.stride(0)
+    return args
+
+
+def scalar_args(**scalars: float) -> dict:
+    """``<name>`` and ``<name>_residue`` of float arguments passed as two fp32 parts (``fp32_parts``), which the
+    kernels sum back in their accumulator dtype (``from_fp32_parts``)."""
+    args = {}
+    for name, value in scalars.items():
+        args[name], args[f"{name}_residue"] = fp32_parts(value)
+    return args

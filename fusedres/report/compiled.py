@@ -9,7 +9,7 @@ specialised by the JIT's own code, compiled for an NVIDIA target, and its cubin 
 that Triton ships.
 
     from fusedres.kernels import recorded_launches
-    from fusedres.kernels.compiled import analyse, compile_for, specialise
+    from fusedres.report.compiled import analyse, compile_for, specialise
 
     with recorded_launches() as launches:
         bn_act_apply(...)                      # on meta tensors
@@ -19,7 +19,7 @@ that Triton ships.
 ``analyse_all`` does the same for many specialisations, compiling each distinct one once, in a pool of
 processes. Runs only where Triton compiles (TRITON_INTERPRET unset); the functions raise otherwise.
 
-``fusedres/kernel_report.py`` records what each op launches and runs this on it.
+``fusedres/report/kernel_report.py`` records what each op launches and runs this on it.
 """
 from __future__ import annotations
 
