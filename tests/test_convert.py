@@ -295,3 +295,14 @@ def test_torch_compile_traces_a_converted_model_without_graph_breaks():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     x = make_input((2, 3, 8, 8), torch.float64)
     assert_close(compiled(x), model(x), "compiled output")
+
+
+def test_a_model_converted_and_saved_by_an_earlier_fusedres_still_loads_and_computes_the_same():
+    """tests/data/converted_by_fde3887.pt: a Conv2dNormActivation (a swapped pair) and a torchvision BasicBlock (a
+    rewritten forward) converted and saved by fusedres at fde3887, before the conversion runtime moved to
+    fusedres.converted and the fused activation's attributes were renamed."""
+    saved = torch.load(ROOT / "tests" / "data" / "converted_by_fde3887.pt", weights_only=False)
+    model = saved["model"]
+    assert fusedres.conversion_report(model)["batch_norm_add_relu"] == ["1.bn2"]
+    assert_close(model(saved["x"]), saved["expected"], "the old pickle's output", tolerance=MODEL_TOLERANCE)
+    assert_close(fusedres.revert(model)(saved["x"]), saved["expected"], "reverted", tolerance=MODEL_TOLERANCE)
