@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fusedres.activations import eager_activation
+from fusedres.report.kernel_report import RESNET50_SITES, floor_element_bytes  # noqa: F401 (the suites' sites)
 
-# (channels, height = width, what follows the batch-norm, how many times) in ResNet-50.
-RESNET50_SITES = [
-    (64, 112, "relu", 1), (64, 56, "relu", 6), (128, 56, "relu", 1), (256, 56, "add_relu", 3),
-    (128, 28, "relu", 7), (256, 28, "relu", 1), (512, 28, "add_relu", 4), (256, 14, "relu", 11),
-    (512, 14, "relu", 1), (1024, 14, "add_relu", 6), (512, 7, "relu", 5), (2048, 7, "add_relu", 3),
-]
 OPS = ("batch_norm_relu", "batch_norm_add_relu", "add_relu")
 MODES = ("inference", "train_forward", "backward", "forward_backward")
 
@@ -27,18 +22,20 @@ def op_label(op: str, activation: str) -> str:
 
 
 # The ops suite's modes in terms of the kernel report's (whose floors are docs/design.md's): "backward" is the
-# training backward, "forward_backward" both passes; add + ReLU has one forward.
+# training backward, "forward_backward" both passes; add + ReLU has one forward. And back: the ops suite's mode
+# (``mode_callable``) that times each of the report's (eval_backward: the backward of the op called with
+# training=False), for the kernels suite.
 _REPORT_MODES = {"inference": ("inference",), "train_forward": ("train_forward",), "backward": ("train_backward",),
                  "forward_backward": ("train_forward", "train_backward")}
 _ADD_REPORT_MODES = {"inference": ("forward",), "train_forward": ("forward",), "backward": ("backward",),
                      "forward_backward": ("forward", "backward")}
+TIMED_MODE = {"inference": "inference", "train_forward": "train_forward", "train_backward": "backward",
+              "eval_backward": "backward", "forward": "inference", "backward": "backward"}
 
 
 def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, activation: str = "relu") -> int:
     """The bytes the fused two-pass design must move for ``op`` in ``mode`` (the kernel report's floors), the same
     count for every provider."""
-    from fusedres.report.kernel_report import floor_element_bytes  # late: the CLI decides on Triton's interpreter first
-
     numel = 1
     for size in shape:
         numel *= size

@@ -28,7 +28,7 @@ import torch
 from fusedres.report import kernel_report
 from fusedres.kernels import INTERPRETING
 
-from .cases import RESNET50_SITES, fused_op, make_inputs, mode_callable
+from .cases import RESNET50_SITES, TIMED_MODE, fused_op, make_inputs, mode_callable
 from .environment import usable_cores
 from .ops_suite import QUICK_SITES
 from .runner import Settings, dtype_name, measure_gpu, progress
@@ -43,10 +43,6 @@ PREDICTED_MS_FIELDS = {"predicted_ms_h100": "H100 SXM", "predicted_ms_h200": "H2
 # What the compile half reports per case (kernel_report.analyse_cases's row).
 COMPILED_FIELDS = ("launches", "kernels", "num_warps", "registers", "occupancy", "local_bytes", "load_bits",
                    "store_bits")
-# The benchmark's mode (cases.mode_callable) that times each of the model's modes; eval_backward is the backward
-# of the op called with training=False.
-TIMED_MODE = {"inference": "inference", "train_forward": "train_forward", "train_backward": "backward",
-              "eval_backward": "backward", "forward": "inference", "backward": "backward"}
 # A child process's time limit: startup, then each case's compile or count (a few seconds at most).
 CHILD_START_S = 120
 CHILD_S_PER_CASE = 10
