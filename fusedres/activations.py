@@ -4,8 +4,6 @@ and whether its derivative can be read from its output. Everything else reads th
 (``fusedres/kernels/activations.py`` holds each one's formula and derivative), the public functions, the modules,
 ``convert``, the benchmark and the kernel report. Adding an activation is an entry here plus its formula and
 derivative there (``tests/test_registry.py`` checks that every consumer sees the same set).
-
-No Triton here: the benchmark's command line reads it before deciding on Triton's interpreter.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ other attribute of the block the trace read (a flag, a rate, an optional submodu
 and the converted forward falls back to the original one when it differs at call time
 (``fusedres.converted.ConvertedForward``). Anything between the batch-norm and the add that is not an identity
 (stochastic depth, drop-path with a non-zero rate, squeeze-excitation) makes the site no site. What each site
-checks at call time (a replaced or hooked module, the residual's shape) is ``fusedres.modules``'. The seed's
+checks at call time (a replaced or hooked module, the residual's shape) is ``fusedres.converted``'. The seed's
 eager blocks (``fusedres.seed``) become fusedres's fused blocks. Parameters and buffers are the same objects, so
 the state_dict is unchanged and, with ``inplace=True``, an optimizer built before conversion keeps working.
 """

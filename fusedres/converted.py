@@ -16,7 +16,6 @@ import contextlib
 import functools
 import importlib
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -74,7 +73,6 @@ class ConvertedForward:
 
 
 _MISSING = object()
-_warned: set = set()
 
 
 def _changed_attribute(block) -> str | None:
@@ -100,11 +98,10 @@ def same_value(a, b) -> bool:
 
 
 def _warn_changed(kind: str, name: str) -> None:
-    if (kind, name) not in _warned:
-        _warned.add((kind, name))
-        warnings.warn(f"fusedres: {kind}.{name} differs from its value at conversion, which the converted forward "
-                      f"was traced with; this block now runs its original forward, unfused (exact). Convert again "
-                      f"(fusedres.convert) to fuse it with the new value.", stacklevel=3)
+    warn_once(f"changed:{kind}.{name}",
+              f"fusedres: {kind}.{name} differs from its value at conversion, which the converted forward was traced "
+              f"with; this block now runs its original forward, unfused (exact). Convert again (fusedres.convert) "
+              f"to fuse it with the new value.")
 
 
 def compiled_forward(source: str):
@@ -255,8 +252,6 @@ class ActivationFusedAway(nn.Module):
                      activation_name: str) -> "ActivationFusedAway":
         """A stand-in that is also an instance of ``activation``'s class (code that finds activations by type,
         to replace them, finds it), made from that class and this one (``fusedres.converted``)."""
-        from .converted import fused_module_class
-
         kind = fused_module_class(cls, type(activation)) if not isinstance(activation, cls) else cls
         stand_in = kind.__new__(kind)
         cls.__init__(stand_in, activation, parent, batch_norm_name, activation_name)

@@ -381,6 +381,4 @@ def __getattr__(name: str):
         from . import converted
 
         return getattr(converted, name)
-    if name == "describe_activation":
-        return describe_activation
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

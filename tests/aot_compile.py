@@ -27,12 +27,12 @@ from fusedres.kernels import add_act as AK  # noqa: E402
 from fusedres.kernels import batch_norm as BK  # noqa: E402
 from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64, recorded_launches  # noqa: E402
 from fusedres.report.compiled import Specialisation, compile_for, specialise  # noqa: E402
+from fusedres.report.kernel_report import RESNET50_SITES  # noqa: E402
 
 META = torch.device("meta")
 
-# docs/design.md's ResNet-50 batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
-SHAPES = [(128, c, hw, hw) for c, hw in [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
-                                         (1024, 14), (512, 7), (2048, 7)]] + [(3, 37, 5, 7), (1, 3, 1, 1)]
+# ResNet-50's batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
+SHAPES = [(128, c, hw, hw) for c, hw, _, _ in RESNET50_SITES] + [(3, 37, 5, 7), (1, 3, 1, 1)]
 
 
 def _tensor(shape, dtype, channels_last=False):

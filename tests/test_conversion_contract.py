@@ -352,7 +352,7 @@ def test_attributes_the_trace_read_are_rechecked_at_call_time(change):
         else:
             model.project = nn.Conv2d(4, 4, 1).double()
     fused.project = copy.deepcopy(eager.project)
-    fusedres.converted._warned.clear()
+    fusedres.modules._warned_once.clear()
     with pytest.warns(UserWarning, match=f"{change} differs from its value at conversion"):
         fused(make_input((2, 4, 5, 5), torch.float64))
     _same(fused, eager, (2, 4, 5, 5), f"after changing {change}")

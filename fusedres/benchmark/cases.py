@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedres.activations import eager_activation
-from fusedres.report.kernel_report import RESNET50_SITES, floor_element_bytes  # noqa: F401 (the suites' sites)
+from fusedres.report.kernel_report import QUICK_SITES, RESNET50_SITES, floor_element_bytes  # noqa: F401 (the sites)
 
 OPS = ("batch_norm_relu", "batch_norm_add_relu", "add_relu")
 MODES = ("inference", "train_forward", "backward", "forward_backward")

@@ -25,12 +25,12 @@ from typing import Callable, Iterator
 
 import torch
 
+import fusedres
 from fusedres.report import kernel_report
 from fusedres.kernels import INTERPRETING
 
-from .cases import RESNET50_SITES, TIMED_MODE, fused_op, make_inputs, mode_callable
+from .cases import QUICK_SITES, RESNET50_SITES, TIMED_MODE, fused_op, make_inputs, mode_callable
 from .environment import usable_cores
-from .ops_suite import QUICK_SITES
 from .runner import Settings, dtype_name, measure_gpu, progress
 
 # The counting proxy: the interpreter runs about a millisecond per program, so bytes are counted on a tensor of
@@ -119,7 +119,7 @@ def _in_child(half: str, cases: list[dict], jobs: int) -> list[dict]:
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     if half in INTERPRETED_HALVES:
         env["TRITON_INTERPRET"] = "1"
-    package_root = str(pathlib.Path(kernel_report.__file__).resolve().parents[2])
+    package_root = str(pathlib.Path(fusedres.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="fusedres-kernels-") as folder:
         cases_path, fields_path = pathlib.Path(folder) / "cases.json", pathlib.Path(folder) / "fields.json"

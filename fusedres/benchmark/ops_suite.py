@@ -7,12 +7,11 @@ from typing import Iterator
 
 import torch
 
-from .cases import (MODES, OPS, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs, mode_callable,
-                    op_label)
+from .cases import (MODES, OPS, QUICK_SITES, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs,
+                    mode_callable, op_label)
 from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
                      rows_of_cases)
 
-QUICK_SITES = [(64, 56, "relu", 6), (256, 14, "relu", 11), (512, 28, "add_relu", 4), (2048, 7, "add_relu", 3)]
 
 
 def op_shapes(op: str, batch_size: int, on_gpu: bool, quick: bool) -> list[tuple[int, int, int, int]]:

@@ -255,6 +255,8 @@ RESNET50_SITES = [
     (128, 28, "relu", 7), (256, 28, "relu", 1), (512, 28, "add_relu", 4), (256, 14, "relu", 11),
     (512, 14, "relu", 1), (1024, 14, "add_relu", 6), (512, 7, "relu", 5), (2048, 7, "add_relu", 3),
 ]
+# --quick (the report's and the benchmark's): 56x56, 28x28 (add), 14x14, 7x7 (add).
+QUICK_SITES = [RESNET50_SITES[i] for i in (1, 6, 7, 11)]
 BATCH = 128
 # The configurations the report covers: docs/design.md's primary (bf16 channels_last) and the NCHW ones whose
 # small spatial sizes need the slab walk.
@@ -378,13 +380,13 @@ def main(argv=None) -> int:
     import time
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="four sites: 56x56, 28x28 (add), 14x14, 7x7 (add)")
+    parser.add_argument("--quick", action="store_true", help="the four QUICK_SITES")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", type=str, default=None, help="write the rows here")
     options = parser.parse_args(argv)
     if INTERPRETING:
         sys.exit("fusedres.report.kernel_report: compiles for the GPU; run it without TRITON_INTERPRET=1")
-    sites = [RESNET50_SITES[i] for i in (1, 6, 7, 11)] if options.quick else RESNET50_SITES
+    sites = QUICK_SITES if options.quick else RESNET50_SITES
     started = time.time()
     rows = analyse_cases(site_cases(sites) + activation_cases(), jobs=options.jobs)
     print(format_table(rows))
