@@ -68,7 +68,7 @@ def _features(spec: Specialisation) -> set:
     switches, the walk (layout, slab or rows, alignment hints, 64-bit offsets) with the warps, the data types
     (the input's and the accumulator's) with the kind of walk, and each pointer's type with the accumulator's.
     Tile sizes and H*W values are not features of their own."""
-    signature, constexprs, num_warps, name = spec.signature, spec.constexpr_values, spec.num_warps, spec.name
+    signature, constexprs, num_warps, name = spec.flat_signature, spec.constexpr_values, spec.num_warps, spec.name
     switches = tuple(sorted((k, v) for k, v in constexprs.items()
                             if (isinstance(v, bool) or v is None) and k not in _WALK))
     walk = (constexprs.get("CHANNELS_LAST"), bool(constexprs.get("SLAB_INNER")), constexprs.get("ALIGN", 1) > 1,

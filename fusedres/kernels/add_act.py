@@ -19,7 +19,7 @@ from .walk import accumulator_dtype, from_fp32_parts, is_dense, launch, needs_in
 
 
 @triton.jit
-def _add_act_kernel(x_ptr, residual_ptr, y_ptr, numel, slope, slope_residue, ACTIVATION: tl.constexpr,
+def _add_act_kernel(x_ptr, residual_ptr, y_ptr, numel, slope, ACTIVATION: tl.constexpr,
                     ACC: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
     """y = act(x + residual); ``slope`` (leaky_relu's) as two fp32 parts."""
     start = tl.program_id(0)
@@ -29,12 +29,12 @@ def _add_act_kernel(x_ptr, residual_ptr, y_ptr, numel, slope, slope_residue, ACT
     mask = offs < numel
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) + tl.load(residual_ptr + offs, mask=mask,
                                                                       other=0.0).to(ACC)
-    y = apply_activation(z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
+    y = apply_activation(z, from_fp32_parts(slope, ACC), ACTIVATION)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _act_backward_kernel(grad_y_ptr, first_ptr, second_ptr, grad_z_ptr, numel, slope, slope_residue,
+def _act_backward_kernel(grad_y_ptr, first_ptr, second_ptr, grad_z_ptr, numel, slope,
                          ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                          INT64: tl.constexpr):
     """dz = dy * act'(z): z is ``first`` (the output y, FROM_OUTPUT: the ReLU family) or ``first + second``
@@ -48,7 +48,7 @@ def _act_backward_kernel(grad_y_ptr, first_ptr, second_ptr, grad_z_ptr, numel, s
     z = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
     if not FROM_OUTPUT:
         z += tl.load(second_ptr + offs, mask=mask, other=0.0).to(ACC)
-    dz = activation_grad(dy, z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
+    dz = activation_grad(dy, z, from_fp32_parts(slope, ACC), ACTIVATION)
     tl.store(grad_z_ptr + offs, dz.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,14 +1,20 @@
 """The forward's kernels: batch statistics (with the merge and the running statistics, one launch), the merge of
 several ranks' statistics (synchronized batch-norm), and normalize [+ add] + activation. Their launchers are
-``batch_norm.py``'s."""
+``batch_norm.py``'s.
+
+Arguments as every batch-norm kernel takes them (``walk.py``'s walk_args, vector_args, scalar_args): ``walk``, the
+runtime tuple (channels, inner, inner_blocks, chunks, chunks_per_split), then each walked operand's strides,
+``<operand>_strides`` (outer, inner, channel), after the pointers and scalars (an order ptxas was measured on: moving
+the strides next to their pointers cost the fp32 NCHW training backward 8 registers); per-channel vectors as
+``(pointer, stride)``; float scalars as two fp32 parts; then the walk constexprs (tiles.py)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
 from .activations import apply_activation
-from .tiles import (chan_merge, channel_affine, channel_block, last_to_finish, load_tile, load_vector,
-                    merge_statistics, move_running_statistics, normalized, split_chunks, store_tile, tile_rows)
+from .tiles import (chan_merge, channel_affine, channel_block, chunk_tile, last_to_finish, load_tile, load_vector,
+                    merge_statistics, move_running_statistics, normalized, split_chunks, store_tile)
 from .walk import from_fp32_parts
 
 @triton.jit
@@ -17,12 +23,10 @@ def bn_stats_kernel(
     partial_ptr,                 # [3, splits, channels] scratch: each split's count, mean and M2
     ticket_ptr,                  # [channel_blocks] int32 counters: zero on entry, left zero
     mean_ptr, var_ptr,           # [channels] out: batch mean and biased variance (accumulator dtype)
-    running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
-    num_batches_tracked_ptr,     # CUMULATIVE: the running-statistics factor is 1 / num_batches_tracked
-    momentum, momentum_residue,  # otherwise it is momentum (two fp32 parts)
+    running_mean, running_var, num_batches_tracked_ptr,
+    momentum,                    # the running-statistics factor, unless CUMULATIVE: 1 / num_batches_tracked
     count,                       # values per channel, N * H * W: the unbiased variance's n / (n - 1)
-    channels, inner, inner_blocks, chunks, chunks_per_split,
-    x_stride_outer, x_stride_inner, x_stride_channel,
+    walk, x_strides,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
     ALIGN: tl.constexpr, INT64: tl.constexpr,
@@ -33,24 +37,24 @@ def bn_stats_kernel(
     Sums are shifted: every program subtracts the channel's first value (its pilot, the same in every program)
     before summing, so that a channel far from 0 with a small spread (12345.678 +- 0.01) does not carry its offset
     through fp32 sums; the merging program adds the pilot back to the mean."""
-    c0, offs_c, mask_c = channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
-    pilot = load_vector(x_ptr, x_stride_channel, offs_c, mask_c, 0.0, ACC, INT64)  # x[0, c, 0, 0]
+    c0, offs_c, mask_c = channel_block(walk, BLOCK_C, CHANNELS_LAST, ALIGN)
+    pilot = load_vector((x_ptr, x_strides[2]), offs_c, mask_c, 0.0, ACC, INT64)  # x[0, c, 0, 0]
     pilot = tl.where(pilot - pilot == 0.0, pilot, 0.0)  # an Inf or NaN pilot: no shift (they propagate as in eager)
     count_acc = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    first, last = split_chunks(chunks, chunks_per_split)
+    first, last = split_chunks(walk)
     for chunk in range(first, last):
-        outer, rows, row_mask = tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
-        tile = (outer, rows, row_mask, c0, offs_c, mask_c, channels)
-        x = load_tile(x_ptr, (x_stride_outer, x_stride_inner, x_stride_channel),
-                      tile, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        tile = chunk_tile(chunk, walk, c0, offs_c, mask_c, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
+        row_mask = tile[2]
+        x = load_tile(x_ptr, x_strides, tile, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
         x = tl.where(row_mask[:, None], x - pilot[None, :], 0.0)
         tile_count = tl.sum(row_mask.to(ACC), axis=0)
         tile_mean = tl.sum(x, axis=0) / tile_count
         deviation = tl.where(row_mask[:, None] & mask_c[None, :], x - tile_mean[None, :], 0.0)
         count_acc, mean, m2 = chan_merge(count_acc, mean, m2, tile_count, tile_mean,
                                           tl.sum(deviation * deviation, axis=0))
+    channels = walk[0]
     splits = tl.num_programs(1)
     row = tl.program_id(1) * channels + offs_c
     tl.store(partial_ptr + row, count_acc, mask=mask_c)
@@ -64,9 +68,8 @@ def bn_stats_kernel(
         tl.store(mean_ptr + offs_c, mean_all, mask=mask_c)
         tl.store(var_ptr + offs_c, var, mask=mask_c)
         if UPDATE_RUNNING:
-            move_running_statistics(running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
-                                     num_batches_tracked_ptr, momentum, momentum_residue, mean_all, var,
-                                     tl.cast(count, ACC), offs_c, mask_c, CUMULATIVE, ACC, INT64)
+            move_running_statistics(running_mean, running_var, num_batches_tracked_ptr, momentum, mean_all, var,
+                                    tl.cast(count, ACC), offs_c, mask_c, CUMULATIVE, ACC, INT64)
 
 
 @triton.jit
@@ -75,8 +78,7 @@ def bn_merge_ranks_kernel(
     ranks,
     mean_ptr, var_ptr,           # [channels] out: the whole group's mean and biased variance
     count_ptr,                   # [channels] fp64 out: the whole group's count (the backward divides by it)
-    running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
-    num_batches_tracked_ptr, momentum, momentum_residue,
+    running_mean, running_var, num_batches_tracked_ptr, momentum,
     channels,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -98,45 +100,36 @@ def bn_merge_ranks_kernel(
     tl.store(var_ptr + offs_c, var, mask=mask_c)
     tl.store(count_ptr + offs_c, count, mask=mask_c)
     if UPDATE_RUNNING:
-        move_running_statistics(running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
-                                 num_batches_tracked_ptr, momentum, momentum_residue, mean, var,
-                                 # a global count of 1 (eager refuses it; refusing here would sync the host) has
-                                 # variance 0, which any finite n / (n - 1) keeps
-                                 tl.maximum(count, 2.0), offs_c, mask_c & (count > 0.0), CUMULATIVE, tl.float64,
-                                 INT64)
+        # a global count of 1 (eager refuses it; refusing here would sync the host) has variance 0, which any
+        # finite n / (n - 1) keeps
+        move_running_statistics(running_mean, running_var, num_batches_tracked_ptr, momentum, mean, var,
+                                tl.maximum(count, 2.0), offs_c, mask_c & (count > 0.0), CUMULATIVE, tl.float64,
+                                INT64)
 
 
 @triton.jit
 def bn_act_apply_kernel(
     x_ptr, residual_ptr, y_ptr,
-    mean_ptr, mean_stride, var_ptr, var_stride,  # the batch's statistics, or the running ones
-    weight_ptr, weight_stride, bias_ptr, bias_stride,
-    eps, eps_residue,                            # two fp32 parts
-    slope, slope_residue,                        # leaky_relu's negative slope, two fp32 parts
-    channels, inner, inner_blocks, chunks, chunks_per_split,
-    x_stride_outer, x_stride_inner, x_stride_channel,
-    residual_stride_outer, residual_stride_inner, residual_stride_channel,
-    y_stride_outer, y_stride_inner, y_stride_channel,
+    mean, var,                   # the batch's statistics, or the running ones
+    weight, bias, eps,
+    slope,                       # leaky_relu's negative slope
+    walk, x_strides, residual_strides, y_strides,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLAB_INNER: tl.constexpr,
     ALIGN: tl.constexpr, INT64: tl.constexpr,
 ):
     """y = act((x - mean) * scale + offset [+ residual])."""
-    c0, offs_c, mask_c = channel_block(channels, BLOCK_C, CHANNELS_LAST, ALIGN)
-    scale, offset, mean, _invstd = channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr,
-                                                   weight_stride, bias_ptr, bias_stride, eps, eps_residue, offs_c,
-                                                   mask_c, HAS_WEIGHT, HAS_BIAS, ACC, INT64)
-    first, last = split_chunks(chunks, chunks_per_split)
+    c0, offs_c, mask_c = channel_block(walk, BLOCK_C, CHANNELS_LAST, ALIGN)
+    scale, offset, mean, _invstd = channel_affine(mean, var, weight, bias, eps, offs_c, mask_c, HAS_WEIGHT,
+                                                  HAS_BIAS, ACC, INT64)
+    first, last = split_chunks(walk)
     for chunk in range(first, last):
-        outer, rows, row_mask = tile_rows(chunk, inner, inner_blocks, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
-        tile = (outer, rows, row_mask, c0, offs_c, mask_c, channels)
-        x = load_tile(x_ptr, (x_stride_outer, x_stride_inner, x_stride_channel),
-                      tile, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+        tile = chunk_tile(chunk, walk, c0, offs_c, mask_c, BLOCK_R, CHANNELS_LAST, SLAB_INNER, ALIGN)
+        x = load_tile(x_ptr, x_strides, tile, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
         z = normalized(x, mean, scale, offset)
         if HAS_RESIDUAL:
-            z += load_tile(residual_ptr, (residual_stride_outer, residual_stride_inner, residual_stride_channel),
-                           tile, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
-        y = apply_activation(z, from_fp32_parts(slope, slope_residue, ACC), ACTIVATION)
-        store_tile(y_ptr, y, (y_stride_outer, y_stride_inner, y_stride_channel),
-                   tile, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)
+            z += load_tile(residual_ptr, residual_strides, tile, ACC, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER,
+                           ALIGN, INT64)
+        y = apply_activation(z, from_fp32_parts(slope, ACC), ACTIVATION)
+        store_tile(y_ptr, y, y_strides, tile, BLOCK_R, BLOCK_C, CHANNELS_LAST, SLAB_INNER, ALIGN, INT64)

@@ -17,8 +17,9 @@ from .walk import from_fp32_parts
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def channel_block(channels, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+def channel_block(walk, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
     """This program's first channel, its channel offsets and which of them exist."""
+    channels = walk[0]
     c0 = tl.program_id(0) * BLOCK_C
     offs_c = c0 + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
@@ -28,16 +29,19 @@ def channel_block(channels, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, 
 
 
 @triton.jit
-def split_chunks(chunks, chunks_per_split):
+def split_chunks(walk):
     """The range of chunks of this program's split."""
+    _channels, _inner, _inner_blocks, chunks, chunks_per_split = walk
     first = tl.program_id(1) * chunks_per_split
     return first, tl.minimum(first + chunks_per_split, chunks)
 
 
 @triton.jit
-def tile_rows(chunk, inner, inner_blocks, BLOCK_R: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+def chunk_tile(chunk, walk, c0, offs_c, mask_c, BLOCK_R: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                SLAB_INNER: tl.constexpr, ALIGN: tl.constexpr):
-    """One chunk's outer index, row indices, and which rows exist."""
+    """One chunk's tile of this program's channel block (``channel_block``'s): ``(outer, rows, row_mask, c0,
+    offs_c, mask_c, channels)``, the outer index, the row indices and which rows exist beside the channels'."""
+    channels, inner, inner_blocks, _chunks, _chunks_per_split = walk
     if SLAB_INNER > 0:
         inner = SLAB_INNER
     outer = chunk // inner_blocks
@@ -45,7 +49,7 @@ def tile_rows(chunk, inner, inner_blocks, BLOCK_R: tl.constexpr, CHANNELS_LAST: 
     row_mask = rows < inner
     if not CHANNELS_LAST and SLAB_INNER == 0 and ALIGN > 1:  # ALIGN divides H*W: constant over a vector
         row_mask = tl.max_constancy(row_mask, [ALIGN])
-    return outer, rows, row_mask
+    return outer, rows, row_mask, c0, offs_c, mask_c, channels
 
 
 @triton.jit
@@ -88,10 +92,9 @@ def slab(tile, stride_outer, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SLAB_
     return start, flat, flat < present * SLAB_INNER
 
 
-# A tile's position, as kernels pass it: ``tile = (outer, rows, row_mask, c0, offs_c, mask_c, channels)`` (from
-# channel_block and tile_rows); an operand's strides: ``(outer, inner, channel)``. The walk's constexprs stay
-# separate arguments: a constexpr read back from a tuple is no longer one to the compiler (the interpreter does
-# not mind), and tile sizes must be.
+# A tile's position, as kernels pass it: ``chunk_tile``'s tuple; an operand's strides: ``(outer, inner,
+# channel)``. The walk's constexprs stay separate arguments: a constexpr read back from a tuple is no longer one to
+# the compiler (the interpreter does not mind), and tile sizes must be.
 
 @triton.jit
 def load_tile(ptr, strides, tile, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -131,15 +134,17 @@ def store_tile(ptr, values, strides, tile, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
 
 
 @triton.jit
-def load_vector(ptr, stride, offs_c, mask_c, other, ACC: tl.constexpr, INT64: tl.constexpr):
-    """A per-channel vector, read through its stride."""
+def load_vector(vector, offs_c, mask_c, other, ACC: tl.constexpr, INT64: tl.constexpr):
+    """A per-channel vector ``(pointer, stride)``, read through its stride."""
+    ptr, stride = vector
     if INT64:
         offs_c = offs_c.to(tl.int64)
     return tl.load(ptr + offs_c * stride, mask=mask_c, other=other).to(ACC)
 
 
 @triton.jit
-def store_vector(ptr, stride, value, offs_c, mask_c, INT64: tl.constexpr):
+def store_vector(vector, value, offs_c, mask_c, INT64: tl.constexpr):
+    ptr, stride = vector
     if INT64:
         offs_c = offs_c.to(tl.int64)
     tl.store(ptr + offs_c * stride, value.to(ptr.dtype.element_ty), mask=mask_c)
@@ -221,26 +226,25 @@ def merge_sums(partial_ptr, splits, channels, offs_c, mask_c, ACC: tl.constexpr,
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def channel_affine(mean_ptr, mean_stride, var_ptr, var_stride, weight_ptr, weight_stride, bias_ptr, bias_stride,
-                    eps, eps_residue, offs_c, mask_c, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ACC: tl.constexpr, INT64: tl.constexpr):
+def channel_affine(mean, var, weight, bias, eps, offs_c, mask_c, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACC: tl.constexpr, INT64: tl.constexpr):
     """Per-channel ``scale, offset, mean, invstd`` such that ``bn(x) = (x - mean) * scale + offset``
     (``normalized``): subtracting the mean first keeps the digits of a channel whose values sit far from 0 with a
     small spread, which ``x * scale - mean * scale`` would cancel, as eager's ``(x - mean) * invstd`` keeps them.
+    ``mean``, ``var``, ``weight``, ``bias``: per-channel vectors ``(pointer, stride)``; ``eps``: two fp32 parts.
 
     The forward and the backward both call this, so the pre-activation the backward recomputes is bit for bit
     the forward's."""
-    mean = load_vector(mean_ptr, mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
-    var_eps = (load_vector(var_ptr, var_stride, offs_c, mask_c, 1.0, ACC, INT64)
-               + from_fp32_parts(eps, eps_residue, ACC))
+    mean = load_vector(mean, offs_c, mask_c, 0.0, ACC, INT64)
+    var_eps = load_vector(var, offs_c, mask_c, 1.0, ACC, INT64) + from_fp32_parts(eps, ACC)
     if ACC == tl.float64:
         invstd = 1.0 / tl.sqrt(var_eps)  # IEEE for fp64; sqrt_rn exists for fp32 only
     else:
         invstd = 1.0 / tl.sqrt_rn(var_eps)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * load_vector(weight_ptr, weight_stride, offs_c, mask_c, 1.0, ACC, INT64)
-    offset = load_vector(bias_ptr, bias_stride, offs_c, mask_c, 0.0, ACC, INT64) if HAS_BIAS else tl.zeros_like(mean)
+        scale = scale * load_vector(weight, offs_c, mask_c, 1.0, ACC, INT64)
+    offset = load_vector(bias, offs_c, mask_c, 0.0, ACC, INT64) if HAS_BIAS else tl.zeros_like(mean)
     return scale, offset, mean, invstd
 
 
@@ -251,20 +255,18 @@ def normalized(x, mean, scale, offset):
 
 
 @triton.jit
-def move_running_statistics(running_mean_ptr, running_mean_stride, running_var_ptr, running_var_stride,
-                             num_batches_tracked_ptr, momentum, momentum_residue, mean, var, n, offs_c, mask_c,
-                             CUMULATIVE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr):
+def move_running_statistics(running_mean, running_var, num_batches_tracked_ptr, momentum, mean, var, n, offs_c,
+                            mask_c, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr):
     """running = (1 - f) running + f batch, with the batch's unbiased variance over ``n`` values, as eager computes
-    it; f = momentum, or 1 / num_batches_tracked read on the device."""
+    it; f = momentum (two fp32 parts), or 1 / num_batches_tracked read on the device. The running statistics are
+    per-channel vectors ``(pointer, stride)``."""
     if CUMULATIVE:
         factor = 1.0 / tl.load(num_batches_tracked_ptr).to(ACC)
     else:
-        factor = from_fp32_parts(momentum, momentum_residue, ACC)
+        factor = from_fp32_parts(momentum, ACC)
     unbiased = var * (n / (n - 1.0))
-    running_mean = load_vector(running_mean_ptr, running_mean_stride, offs_c, mask_c, 0.0, ACC, INT64)
-    running_var = load_vector(running_var_ptr, running_var_stride, offs_c, mask_c, 0.0, ACC, INT64)
+    old_mean = load_vector(running_mean, offs_c, mask_c, 0.0, ACC, INT64)
+    old_var = load_vector(running_var, offs_c, mask_c, 0.0, ACC, INT64)
     # eager's form: an infinite running value stays infinite ((b - r) would make it NaN)
-    store_vector(running_mean_ptr, running_mean_stride, (1.0 - factor) * running_mean + factor * mean, offs_c,
-                  mask_c, INT64)
-    store_vector(running_var_ptr, running_var_stride, (1.0 - factor) * running_var + factor * unbiased, offs_c,
-                  mask_c, INT64)
+    store_vector(running_mean, (1.0 - factor) * old_mean + factor * mean, offs_c, mask_c, INT64)
+    store_vector(running_var, (1.0 - factor) * old_var + factor * unbiased, offs_c, mask_c, INT64)

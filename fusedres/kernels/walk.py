@@ -169,9 +169,10 @@ def fp32_parts(value: float) -> tuple[float, float]:
 
 
 @triton.jit
-def from_fp32_parts(value, residue, ACC: tl.constexpr):
+def from_fp32_parts(parts, ACC: tl.constexpr):
     """The device half of ``fp32_parts``: a float argument passed as two fp32 parts (float arguments are fp32),
     summed in the accumulator dtype, so that fp64 kernels get the full value."""
+    value, residue = parts
     return tl.cast(value, ACC) + tl.cast(residue, ACC)
 
 
@@ -357,8 +358,8 @@ def stride_alignment(geometry: ChannelGeometry, plan: TilePlan, strides: list[tu
 
 
 def walk_args(geometry: ChannelGeometry, plan: TilePlan, operands: dict) -> dict:
-    """The walk's kernel arguments: the geometry, the split, the walk constexprs and every operand's
-    ``<name>_stride_{outer,inner,channel}``."""
+    """The walk's kernel arguments: ``walk``, the runtime tuple ``(channels, inner, inner_blocks, chunks,
+    chunks_per_split)``; every operand's ``<name>_strides``, ``(outer, inner, channel)``; the walk constexprs."""
     strides = {}
     for name, t in operands.items():
         if t is None:
@@ -368,30 +369,19 @@ def walk_args(geometry: ChannelGeometry, plan: TilePlan, operands: dict) -> dict
         if strides[name] is None:
             raise ValueError(f"fusedres kernels: {name} with strides {tuple(t.stride())} cannot be walked in the "
                              f"input's layout; make it dense in that layout first")
-    args = dict(channels=geometry.channels, inner=geometry.inner, inner_blocks=plan.inner_blocks,
-                chunks=plan.chunks, chunks_per_split=plan.chunks_per_split, BLOCK_R=plan.block_rows,
-                BLOCK_C=plan.block_channels, CHANNELS_LAST=geometry.channels_last,
+    return dict(walk=(geometry.channels, geometry.inner, plan.inner_blocks, plan.chunks, plan.chunks_per_split),
+                **{f"{name}_strides": value for name, value in strides.items()},
+                BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, CHANNELS_LAST=geometry.channels_last,
                 SLAB_INNER=geometry.inner if plan.slab else 0,
                 ALIGN=stride_alignment(geometry, plan, list(strides.values())))
-    for name, (outer, inner, channel) in strides.items():
-        args.update({f"{name}_stride_outer": outer, f"{name}_stride_inner": inner,
-                     f"{name}_stride_channel": channel})
-    return args
 
 
 def vector_args(**vectors) -> dict:
-    """``<name>_ptr`` and ``<name>_stride`` of per-channel vectors (None: absent)."""
-    args = {}
-    for name, t in vectors.items():
-        args[f"{name}_ptr"] = t
-        args[f"{name}_stride"] = 0 if t is None else t.stride(0)
-    return args
+    """Per-channel vectors as the kernels take them: ``(pointer, stride)`` (None: ``(None, 0)``, absent)."""
+    return {name: (t, 0 if t is None else t.stride(0)) for name, t in vectors.items()}
 
 
 def scalar_args(**scalars: float) -> dict:
-    """``<name>`` and ``<name>_residue`` of float arguments passed as two fp32 parts (``fp32_parts``), which the
-    kernels sum back in their accumulator dtype (``from_fp32_parts``)."""
-    args = {}
-    for name, value in scalars.items():
-        args[name], args[f"{name}_residue"] = fp32_parts(value)
-    return args
+    """Float arguments as the kernels take them: two fp32 parts (``fp32_parts``), which the kernels sum back in
+    their accumulator dtype (``from_fp32_parts``)."""
+    return {name: fp32_parts(value) for name, value in scalars.items()}

@@ -82,7 +82,7 @@ class Specialisation:
     processes; the kernel must be a module-level attribute."""
 
     kernel: JITFunction
-    signature: dict[str, str]  # parameter name -> "*bf16", "i32", "fp32", "u1", "constexpr", ...
+    signature: dict[str, Any]  # parameter name -> "*bf16", "i32", "fp32", "u1", "constexpr", ... (tuples: a tuple)
     constexprs: dict[tuple[int, ...], Any]  # (argument index,) -> value
     attrs: dict[tuple[int, ...], list]  # (argument index,) -> [["tt.divisibility", 16]] or []
     options: dict[str, Any]  # num_warps, and the debug and instrumentation options the JIT adds
@@ -97,8 +97,27 @@ class Specialisation:
 
     @property
     def constexpr_values(self) -> dict[str, Any]:
-        """The constants by parameter name (for reports; ``constexprs`` is keyed as ``ASTSource`` wants)."""
-        return {self.kernel.arg_names[path[0]]: value for path, value in self.constexprs.items()}
+        """The constants by parameter name (for reports; ``constexprs`` is keyed as ``ASTSource`` wants); an element
+        of a tuple argument is named ``<parameter>.<index>``."""
+        return {self._path_name(path): value for path, value in self.constexprs.items()}
+
+    @property
+    def flat_signature(self) -> dict[str, str]:
+        """The signature with tuple arguments flattened: ``<parameter>.<index>`` -> type."""
+        flat = {}
+
+        def visit(name, kind):
+            if isinstance(kind, tuple):
+                for index, element in enumerate(kind):
+                    visit(f"{name}.{index}", element)
+            else:
+                flat[name] = kind
+        for name, kind in self.signature.items():
+            visit(name, kind)
+        return flat
+
+    def _path_name(self, path: tuple[int, ...]) -> str:
+        return ".".join([self.kernel.arg_names[path[0]], *map(str, path[1:])])
 
     def source(self) -> ASTSource:
         return ASTSource(fn=self.kernel, signature=self.signature, constexprs=self.constexprs, attrs=self.attrs)
