@@ -88,9 +88,9 @@ def _check_eps(fn: str, eps, training: bool) -> None:
 def _check_batch_norm_args(fn: str, input, running_mean, running_var, weight, bias, training, momentum,
                            eps, values_per_channel_known: bool = True) -> None:
     _check_tensor(fn, "input", input)
-    if input.dim() != 4:
-        raise ValueError(f"{fn}: expected a 4-D input (N, C, H, W), got a {input.dim()}-D tensor of shape "
-                         f"{tuple(input.shape)}")
+    if input.dim() < 2:
+        raise ValueError(f"{fn}: expected an input of 2 or more dimensions ((N, C), (N, C, L), (N, C, H, W), "
+                         f"(N, C, D, H, W)...), got a {input.dim()}-D tensor of shape {tuple(input.shape)}")
     _check_floating(fn, "input", input)
     if not isinstance(training, bool):
         raise TypeError(f"{fn}: expected training to be a bool, got {type(training).__name__}")

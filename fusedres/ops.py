@@ -73,19 +73,28 @@ def _require_kernels(name: str, t: Tensor) -> None:
                            f"got a tensor on {t.device}; call fusedres.functional, which runs eager PyTorch there")
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # the ranks that have a channels-last format
+
+
 def _memory_format(t: Tensor) -> torch.memory_format:
-    """The format eager PyTorch gives this tensor's batch-norm output (its suggested memory format)."""
-    if t.dim() != 4 or t.is_contiguous():
+    """The format eager PyTorch gives this tensor's batch-norm output (its suggested memory format): channels-last
+    for a 4-D or 5-D tensor whose strides are ordered as that format's (channels innermost), else contiguous
+    (always for 2-D and 3-D tensors, which have no channels-last format)."""
+    channels_last = _CHANNELS_LAST.get(t.dim())
+    if channels_last is None or t.is_contiguous():
         return torch.contiguous_format
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    n, c, h, w = t.stride()
-    return torch.channels_last if c < w <= h <= n else torch.contiguous_format
+    if t.is_contiguous(memory_format=channels_last):
+        return channels_last
+    n, c, *spatial = t.stride()
+    ordered = c < spatial[-1] and all(inner <= outer for inner, outer in zip(spatial[1:], spatial)) and spatial[0] <= n
+    return channels_last if ordered else torch.contiguous_format
 
 
 def dense(t: Tensor) -> Tensor:
-    """``t`` itself if it is dense in NCHW or channels_last format, else a copy in its suggested format."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+    """``t`` itself if it is dense in the format eager gives its output (contiguous, or channels-last for 4-D and
+    5-D), else a copy in its suggested format."""
+    channels_last = _CHANNELS_LAST.get(t.dim())
+    if t.is_contiguous() or (channels_last is not None and t.is_contiguous(memory_format=channels_last)):
         return t
     return t.contiguous(memory_format=_memory_format(t))
 

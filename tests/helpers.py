@@ -61,10 +61,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype:
 
 
 def make_input(shape, dtype, channels_last=False, scale=2.0, shift=0.5, generator=None):
-    """Fresh random input, never zeros: a nonzero mean and a non-unit spread per channel."""
+    """Fresh random input, never zeros: a nonzero mean and a non-unit spread per channel. ``channels_last``: dense
+    in the order (N, spatial..., C), for any rank (torch.channels_last for 4-D, channels_last_3d for 5-D)."""
     x = torch.randn(shape, dtype=torch.float32, generator=generator) * scale + shift
     x = x.to(dtype=dtype, device=DEVICE)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return channels_last_style(x) if channels_last else x
+
+
+def channels_last_style(x: torch.Tensor) -> torch.Tensor:
+    """``x`` dense in the order (N, spatial..., C), whatever its rank."""
+    order = (0, *range(2, x.dim()), 1)
+    return x.permute(order).contiguous().permute(sorted(range(x.dim()), key=order.__getitem__))
 
 
 def make_params(channels, dtype, *, affine=True, buffers=True):
@@ -104,10 +111,19 @@ NAN_DERIVATIVE_DEPENDS_ON_LAYOUT = ("relu6", "hardswish")
 
 
 def reference_batch_norm_act(x, residual, rm, rv, w, b, training, momentum=0.1, eps=1e-5, activation="relu",
-                             slope=0.01):
-    """Eager PyTorch: act(F.batch_norm(x) [+ residual]); running stats updated in place."""
+                             slope=0.01, derivative_dtype=None):
+    """Eager PyTorch: act(F.batch_norm(x) [+ residual]); running stats updated in place.
+
+    ``derivative_dtype``: the activation's derivative is taken at the pre-activation rounded to this dtype (its
+    value passes through unrounded to the gradient), as any implementation in that precision takes it: eager's
+    half-precision ops round the pre-activation before the activation, fusedres reads the ReLU family's derivative
+    from its saved half-precision output. Without it, a pre-activation within rounding of a kink (relu6's 6) flips
+    the mask against the fp64 reference for eager and fusedres alike."""
     y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
-    return REFERENCE_ACTIVATIONS[activation](y if residual is None else y + residual, slope)
+    z = y if residual is None else y + residual
+    if derivative_dtype is not None:
+        z = z + (z.to(derivative_dtype).to(z.dtype) - z).detach()
+    return REFERENCE_ACTIVATIONS[activation](z, slope)
 
 
 def randomize_batch_norms(model: torch.nn.Module, generator: torch.Generator | None = None) -> torch.nn.Module:

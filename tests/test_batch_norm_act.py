@@ -6,6 +6,7 @@ import torch
 
 import fusedres
 import fusedres.functional as FF
+from fusedres.activations import DERIVATIVE_FROM_OUTPUT
 from fusedres.functional import ACTIVATIONS
 from tests.helpers import (DEVICE, FULL, HALF_DTYPES, TOLERANCES, assert_close, fp64_copy, make_input, make_params,
                            reference_batch_norm_act)
@@ -28,7 +29,8 @@ CASES = all_pairs({
     "affine": ["none", "weight", "both"],
     "buffers": [True, False],
     "residual": ["none", "same", "other_dtype", "other_layout"],
-    "shape": [(3, 37, 5, 7), (2, 20, 9, 11), (4, 3, 1, 13)],
+    # (N, C, H, W); (N, C) and (N, C, L) (BatchNorm1d), (N, C, D, H, W) (BatchNorm3d): any rank, spatial flattened
+    "shape": [(3, 37, 5, 7), (2, 20, 9, 11), (4, 3, 1, 13), (6, 20), (5, 12, 17), (2, 10, 3, 4, 5)],
     "activation": list(ACTIVATIONS),
 }, valid=_valid)
 
@@ -68,10 +70,12 @@ def run_case(case, momentum=0.1, eps=1e-5):
         y = FF.batch_norm_relu(x, rm, rv, w, b, case["training"], momentum, eps)
     else:
         y = FF.batch_norm_add_relu(x, residual, rm, rv, w, b, case["training"], momentum, eps)
+    expected_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
+    # with a residual, the ReLU family's derivative is read from the saved output, in its precision
+    from_output = residual is not None and activation in DERIVATIVE_FROM_OUTPUT and expected_dtype in HALF_DTYPES
     y_ref = reference_batch_norm_act(ref_leaves["input"], ref_leaves.get("residual"), ref_rm, ref_rv,
                                      ref_leaves.get("weight"), ref_leaves.get("bias"), case["training"], momentum,
-                                     eps, activation, 0.2)
-    expected_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
+                                     eps, activation, 0.2, derivative_dtype=expected_dtype if from_output else None)
     assert y.dtype == expected_dtype
     eager_strides = reference_batch_norm_act(x.detach(), None if residual is None else residual.detach(),
                                              None, None, None, None, True).stride()

@@ -2,9 +2,9 @@
 ``TilePlan``, ``plan_tiles``, the kernel arguments that describe it), every launch constant, the 64-bit offset
 switch, scratch and the ticket counters of the last-program merges, and the launch hook.
 
-How a kernel walks an (N, C, H, W) tensor: as ``outer x inner`` rows of ``channels`` columns. A channels_last
-tensor is one ``[N*H*W, C]`` matrix (outer = 1), an NCHW tensor is ``N`` blocks of ``H*W`` contiguous rows per
-channel (outer = N). Every operand carries its own (outer, inner, channel) strides, so a tensor in the other
+How a kernel walks an (N, C, H, W) tensor (any rank from 2: the spatial dims flattened, so H*W stands for their
+product): as ``outer x inner`` rows of ``channels`` columns. A channels_last tensor is one ``[N*H*W, C]`` matrix
+(outer = 1), an NCHW tensor is ``N`` blocks of ``H*W`` contiguous rows per channel (outer = N). Every operand carries its own (outer, inner, channel) strides, so a tensor in the other
 layout, or an expanded gradient, is read through its strides. A program covers one block of channels and one
 *split* of the chunks (a chunk being one ``block_rows`` run of rows inside one outer block), one tile at a time.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -232,7 +233,10 @@ def _power_of_two_divisor(value: int, cap: int = 16) -> int:
 
 @dataclass(frozen=True)
 class ChannelGeometry:
-    """An (N, C, H, W) tensor seen as ``outer`` blocks of ``inner`` rows of ``channels`` columns."""
+    """An ``(N, C, *spatial)`` tensor (any rank from 2: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``,
+    ``(N, C, D, H, W)``) seen as ``outer`` blocks of ``inner`` rows of ``channels`` columns, the spatial dims
+    flattened: channels-last (outer = 1, inner = N * spatial, the channels contiguous) or NCHW-style (outer = N,
+    inner = spatial, each channel's values contiguous)."""
 
     outer: int
     inner: int
@@ -241,23 +245,27 @@ class ChannelGeometry:
 
     @staticmethod
     def of(x: torch.Tensor) -> "ChannelGeometry":
-        """The geometry coalesced for ``x``, which must be dense in NCHW or channels_last format."""
-        n, c, h, w = x.shape
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return ChannelGeometry(outer=1, inner=n * h * w, channels=c, channels_last=True)
+        """The geometry coalesced for ``x``, which must be dense NCHW-style (contiguous) or channels-last-style (dense
+        in the order N, spatial..., C). Without spatial extent (``(N, C)``, or every spatial size 1) the two are the
+        same memory and the channels-last walk is taken: rows of N samples, channels contiguous."""
+        n, c = x.shape[:2]
+        spatial = math.prod(x.shape[2:])
+        channels_last = x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+        if channels_last and (spatial == 1 or not x.is_contiguous()):
+            return ChannelGeometry(outer=1, inner=n * spatial, channels=c, channels_last=True)
         if not x.is_contiguous():
-            raise ValueError(f"fusedres kernels: expected an NCHW or channels_last dense tensor, got strides "
-                             f"{tuple(x.stride())} for shape {tuple(x.shape)}")
-        return ChannelGeometry(outer=n, inner=h * w, channels=c, channels_last=False)
+            raise ValueError(f"fusedres kernels: expected a dense tensor, NCHW-style or channels-last-style, got "
+                             f"strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+        return ChannelGeometry(outer=n, inner=spatial, channels=c, channels_last=False)
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int] | None:
         """(outer, inner, channel) strides of ``t`` in this geometry, or None if its layout cannot be walked so."""
-        n, c, h, w = t.shape
+        sizes, strides = t.shape, t.stride()
         if self.channels_last:
-            inner = _collapsed_stride((n, h, w), (t.stride(0), t.stride(2), t.stride(3)))
-            return None if inner is None else (0, inner, t.stride(1))
-        inner = _collapsed_stride((h, w), (t.stride(2), t.stride(3)))
-        return None if inner is None else (t.stride(0), inner, t.stride(1))
+            inner = _collapsed_stride((sizes[0], *sizes[2:]), (strides[0], *strides[2:]))
+            return None if inner is None else (0, inner, strides[1])
+        inner = _collapsed_stride(sizes[2:], strides[2:])
+        return None if inner is None else (strides[0], inner, strides[1])
 
     def slab_strides(self, t: torch.Tensor) -> tuple[int, int, int] | None:
         """Strides of ``t`` if its channel slabs are contiguous as the slab walk reads them (NCHW, dense within a
