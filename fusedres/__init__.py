@@ -6,11 +6,13 @@ residual networks on.
 from . import functional
 from .blocks import BasicBlock, BottleneckBlock, PreActBlock, ProjectionBlock, SmallResNet
 from .convert import conversion_report, convert, convert_sync_batchnorm, revert
-from .modules import AddReLU, BatchNormAct2d, BatchNormReLU2d, SyncBatchNormAct2d
+from .modules import (AddReLU, BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormReLU1d,
+                      BatchNormReLU2d, BatchNormReLU3d, FrozenBatchNormAct2d, SyncBatchNormAct2d)
 from .ops import disabled, is_disabled
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "BatchNormAct2d", "BatchNormReLU2d", "SyncBatchNormAct2d", "AddReLU", "BasicBlock",
+__all__ = ["functional", "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormReLU1d",
+           "BatchNormReLU2d", "BatchNormReLU3d", "SyncBatchNormAct2d", "FrozenBatchNormAct2d", "AddReLU", "BasicBlock",
            "ProjectionBlock", "BottleneckBlock", "PreActBlock", "SmallResNet", "convert", "revert",
            "conversion_report", "convert_sync_batchnorm", "disabled", "is_disabled", "__version__"]

@@ -4,15 +4,17 @@ batch-norm + add (+ activation) sites on fusedres's fused ops, and back.
 How a site is found: each module's own forward is traced with torch.fx (its submodules are leaves, except plain
 ``nn.Sequential``s and Sequential subclasses without a forward of their own, such as torchvision's
 ``Conv2dNormActivation``, which are traced through), so blocks are recognised by what they compute, not by class
-name. A site is an ``nn.BatchNorm2d`` (called once, held by one parent, no hooks) whose output goes only, through
+name. A site is a batch-norm (``nn.BatchNorm1d`` / ``2d`` / ``3d``, ``nn.SyncBatchNorm``, torchvision's
+``FrozenBatchNorm2d``; called once, held by one parent, no hooks) whose output goes only, through
 ``nn.Identity`` modules at most, to an activation fusedres fuses (a module or a function:
 ``fusedres.activations``' table), or to an add whose result goes only to such an activation, or to an
 add with no activation after it at all (the identity: MobileNetV2's linear bottleneck). timm's
-``BatchNormAct2d`` (batch-norm and activation in one module) becomes fusedres's ``BatchNormAct2d`` in place, and
-one with the identity for activation can then take the add that follows it. Then:
+``BatchNormAct2d`` and ``FrozenBatchNormAct2d`` (batch-norm and activation in one module) become fusedres's
+``BatchNormAct2d`` / ``FrozenBatchNormAct2d`` in place, and one with the identity for activation can then take the
+add that follows it. Then:
 
 - where every site of a module is a batch-norm followed by an activation *module* used only there, the two
-  modules are swapped in place (BatchNormAct2d, ActivationFusedAway): the module's class and forward stay as
+  modules are swapped in place (a BatchNormAct, ActivationFusedAway): the module's class and forward stay as
   they are;
 - otherwise the module's forward is rewritten from the traced graph, each site becoming one call of
   ``fusedres.converted.fused_site``, and the module's class becomes an importable subclass of its own
@@ -46,15 +48,20 @@ from torch import nn
 from .blocks import FUSED_SEED_CLASSES
 from .activations import FUNCTIONS, METHODS, describe_activation
 from .converted import ActivationFusedAway, ConvertedForward, fuse_activation_module, fused_class, fused_site
-from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU, BatchNormAct2d,
-                      SyncBatchNormAct2d, fused_class_for, site_pattern)
+from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU, BatchNormAct,
+                      SyncBatchNormAct2d, class_key, fused_class_for, is_frozen_batch_norm, site_pattern)
 
 __all__ = ["convert", "revert", "conversion_report", "convert_sync_batchnorm"]
 
 NOT_ANALYSED = "not_analysed"
 _TIMM_BATCH_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
 _TIMM_SYNC_BATCH_NORM_ACT = ("timm.layers.norm_act", "SyncBatchNormAct")
-_PLAIN_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # what a site's batch-norm may be before fusion
+_TIMM_FROZEN_BATCH_NORM_ACT = ("timm.layers.norm_act", "FrozenBatchNormAct2d")
+# What a site's batch-norm may be before fusion: a batch-norm of any rank, synchronized or frozen (torchvision's,
+# which timm uses too); and timm's batch-norms with an activation of their own, which become fused in place first.
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_PLAIN_FROZEN_BATCH_NORMS = {("torchvision.ops.misc", "FrozenBatchNorm2d")}
+_TIMM_NORM_ACTS = {_TIMM_BATCH_NORM_ACT, _TIMM_SYNC_BATCH_NORM_ACT, _TIMM_FROZEN_BATCH_NORM_ACT}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _RUNTIME_SWITCHES = re.compile(r"self\.training\b|grad_checkpointing|torch\.jit\.is_tracing|is_compiling")
@@ -147,6 +154,30 @@ def _recording_reads(module: nn.Module, reads: _Reads):
         module.__class__ = original
 
 
+@contextlib.contextmanager
+def _state_kept(module: nn.Module):
+    """While inside, a trace may set attributes of ``module`` (and of the Sequentials it traces through): a forward
+    that caches what it computes on its first call (torchvision's MultiScaleRoIAlign keeps its scales) would keep
+    values made of Proxies. Afterwards each module's attributes are what they were; the list yielded then holds
+    the names of those the trace set (a forward that sets them cannot be replaced by its trace, which would not)."""
+    traced = [module] + [m for m in module.modules() if m is not module and _traced_through(m)]
+    registries = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(m.__dict__), {key: dict(m.__dict__[key]) for key in registries}) for m in traced]
+    changed: list[str] = []
+    try:
+        yield changed
+    finally:
+        for m, attributes, entries in saved:
+            now = {**m.__dict__, **{name: value for key in registries for name, value in m.__dict__[key].items()}}
+            before = {**attributes, **{name: value for key in registries for name, value in entries[key].items()}}
+            changed += [name for name, value in now.items() if name not in before or before[name] is not value]
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for key in registries:
+                m.__dict__[key].clear()
+                m.__dict__[key].update(entries[key])
+
+
 @dataclass
 class _Site:
     batch_norm: fx.Node
@@ -211,21 +242,20 @@ def _module_calls(graph: fx.Graph) -> dict[str, int]:
     return calls
 
 
+def _is_plain_batch_norm(module: nn.Module) -> bool:
+    """A batch-norm without an activation of its own, not fused yet."""
+    return type(module) in _PLAIN_BATCH_NORMS or class_key(type(module)) in _PLAIN_FROZEN_BATCH_NORMS
+
+
 def _is_site_batch_norm(module: nn.Module) -> bool:
-    """A plain batch-norm, or one convert made from timm's BatchNormAct2d with the identity for activation and no
-    residual yet: it can take the add that follows it, and the activation after that."""
-    if type(module) in _PLAIN_BATCH_NORMS:
+    """A plain batch-norm, or one convert made from timm's BatchNormAct2d (or FrozenBatchNormAct2d) with the
+    identity for activation and no residual yet: it can take the add that follows it, and the activation after
+    that."""
+    if _is_plain_batch_norm(module):
         return True
     original = module.__dict__.get("_fusedres_original_class")
-    return (isinstance(module, BatchNormAct2d) and original is not None and _is_timm_batch_norm_act_class(original)
+    return (isinstance(module, BatchNormAct) and original is not None and _is_timm_batch_norm_act_class(original)
             and module.activation == "identity" and module.fused_pattern == BATCH_NORM_ACT)
-
-
-def _fed_by_conv2d(node: fx.Node, owner: nn.Module) -> bool:
-    """Whether the module call ``node`` takes an nn.Conv2d's output (a 4-D tensor)."""
-    source = node.args[0]
-    return (isinstance(source, fx.Node) and source.op == "call_module"
-            and isinstance(owner.get_submodule(source.target), nn.Conv2d))
 
 
 def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holders: dict) -> list[_Site]:
@@ -236,8 +266,6 @@ def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holder
         batch_norm = owner.get_submodule(node.target)
         if not _is_site_batch_norm(batch_norm) or holders[id(batch_norm)] != 1 or _hooked(batch_norm):
             continue
-        if type(batch_norm) is nn.SyncBatchNorm and not _fed_by_conv2d(node, owner):
-            continue  # it may normalize 2-D or 3-D inputs, which the fused modules do not take
         value, identities = node, []
         user = _sole_user(value)
         while user is not None and user.op == "call_module" and type(owner.get_submodule(user.target)) is nn.Identity:
@@ -246,7 +274,7 @@ def _find_sites(owner: nn.Module, graph: fx.Graph, calls: dict[str, int], holder
         if user is None:
             continue
         activation = _activation_of(user, owner)
-        if activation is not None and type(batch_norm) in _PLAIN_BATCH_NORMS:
+        if activation is not None and _is_plain_batch_norm(batch_norm):
             sites.append(_Site(node, user, *activation, identities=identities, act=user))
             continue
         shortcut = _add_operand(user, value)
@@ -317,9 +345,12 @@ def _rewrite_forward(owner: nn.Module, graph: fx.Graph, sites: list[_Site]) -> s
     return _format_import_block(code.globals, sys_importer) + code.src
 
 
-def _forward_is_rewritable(module: nn.Module, reads: _Reads) -> str | None:
+def _forward_is_rewritable(module: nn.Module, reads: _Reads, set_by_trace: list[str]) -> str | None:
     """None if the forward may be replaced by its trace, else why not: a run-time switch read by the forward or a
-    method of the module it called (tracing would freeze it), in its source or during the trace."""
+    method of the module it called (tracing would freeze it), in its source or during the trace; an attribute it
+    sets (a trace records no attribute writes)."""
+    if set_by_trace:
+        return f"it sets self.{set_by_trace[0]} (a cache, a counter), which its trace would not"
     if "training" in reads.frozen:
         return "it reads self.training (in its forward or a method it calls), which a trace would freeze"
     for where, function in (("its forward", type(module).forward), *((f"its method {name}", method)
@@ -345,7 +376,7 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
     label = name or "<model>"
     reads = _Reads()
     try:
-        with _recording_reads(module, reads):
+        with _state_kept(module) as set_by_trace, _recording_reads(module, reads):
             graph = _Tracer().trace(module)
     except Exception as error:  # any reason a forward cannot be traced
         if _owns_batch_norm(module):
@@ -357,7 +388,7 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
     if not sites:
         return
     swappable = [s for s in sites if _swappable(s, module, calls, holders)]
-    reason = None if len(swappable) == len(sites) else _forward_is_rewritable(module, reads)
+    reason = None if len(swappable) == len(sites) else _forward_is_rewritable(module, reads, set_by_trace)
     if len(swappable) == len(sites) or reason is not None:
         for site in swappable:
             parent = module.get_submodule(_parent_and_name(site.batch_norm.target)[0])
@@ -380,11 +411,16 @@ def _convert_module(name: str, module: nn.Module, holders: dict, not_analysed: l
 
 
 def _is_timm_batch_norm_act_class(kind: type) -> bool:
-    return (kind.__module__, kind.__name__) in (_TIMM_BATCH_NORM_ACT, _TIMM_SYNC_BATCH_NORM_ACT)
+    """timm's batch-norms with an activation (and a drop layer) of their own: trainable, synchronized or frozen."""
+    return class_key(kind) in _TIMM_NORM_ACTS
 
 
 def _is_timm_batch_norm_act(module: nn.Module) -> bool:
     return _is_timm_batch_norm_act_class(type(module))
+
+
+def _is_trainable_timm_batch_norm_act(module: nn.Module) -> bool:
+    return class_key(type(module)) in (_TIMM_BATCH_NORM_ACT, _TIMM_SYNC_BATCH_NORM_ACT)
 
 
 def _timm_unfusable_reason(module: nn.Module) -> str | None:
@@ -398,10 +434,11 @@ def _timm_unfusable_reason(module: nn.Module) -> str | None:
 
 
 def _convert_timm_batch_norm_act(name: str, module: nn.Module, not_analysed: list) -> None:
-    """timm's BatchNormAct2d becomes fusedres's in place (same state_dict, its act and drop kept), when it can."""
+    """timm's BatchNormAct2d (FrozenBatchNormAct2d) becomes fusedres's in place (same state_dict, its act and drop
+    kept), when it can."""
     why = _timm_unfusable_reason(module)
     if why is not None:
-        not_analysed.append((name, f"{name} (BatchNormAct2d): left unfused: {why}"))
+        not_analysed.append((name, f"{name} ({type(module).__name__}): left unfused: {why}"))
         return
     activation, negative_slope = describe_activation(module._modules.get("act"))
     fused_class_for(module, activation).fuse(module, activation, negative_slope)
@@ -415,7 +452,9 @@ def _is_candidate(module: nn.Module) -> bool:
         return True
     if kind.__module__.startswith(("torch.nn.", "fusedres.")) or isinstance(module, ConvertedForward):
         return False
-    return not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    # containers without a forward of their own (nn.ModuleList, nn.ModuleDict) have nothing to trace; subclasses
+    # with one do (torchvision's IntermediateLayerGetter, a ModuleDict, holds detection backbones' stems)
+    return getattr(kind.forward, "__name__", "") != "_forward_unimplemented"
 
 
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -476,8 +515,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                               "_fusedres_site_batch_norms"):
                 module.__dict__.pop(attribute, None)
             module.__class__ = unfused
-        if isinstance(module, BatchNormAct2d) and "_fusedres_original_class" in module.__dict__:
-            BatchNormAct2d.unfuse(module)
+        if isinstance(module, BatchNormAct) and "_fusedres_original_class" in module.__dict__:
+            BatchNormAct.unfuse(module)
         for child_name, child in list(module._modules.items()):
             if isinstance(child, ActivationFusedAway):
                 module._modules[child_name] = child.__dict__["activation_module"]
@@ -487,16 +526,17 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """fusedres's counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``: every fused batch-norm (and timm's
-    BatchNormAct2d) becomes a ``SyncBatchNormAct2d`` in place, its activation and residual site kept; so does every
-    plain ``nn.BatchNorm2d``, with the identity for activation: synchronized as an nn.SyncBatchNorm would be, and
-    fused, and unlike an nn.SyncBatchNorm it also runs in a CPU module under DistributedDataParallel. Other
-    batch-norms (1-D, 3-D, nn.SyncBatchNorm) become nn.SyncBatchNorm as torch's converter makes them. Returns the
-    converted module (``module`` itself unless it is such a batch-norm); ``revert`` gives back the fused ones'
-    original classes. A timm BatchNormAct2d that fusedres cannot fuse is refused before anything changes (torch's
-    converter would drop its activation)."""
+    BatchNormAct2d), of any rank, becomes a ``SyncBatchNormAct2d`` in place, its activation and residual site kept;
+    so does every plain ``nn.BatchNorm1d`` / ``2d`` / ``3d``, with the identity for activation: synchronized as an
+    nn.SyncBatchNorm would be, and fused, and unlike an nn.SyncBatchNorm it also runs in a CPU module under
+    DistributedDataParallel. Frozen batch-norms (fused or not) are left as they are: they have no batch statistics
+    to synchronize. Other batch-norms (nn.SyncBatchNorm, lazy ones) become nn.SyncBatchNorm as torch's converter
+    makes them. Returns the converted module (``module`` itself unless it is such a batch-norm); ``revert`` gives
+    back the fused ones' original classes. A timm BatchNormAct2d that fusedres cannot fuse is refused before
+    anything changes (torch's converter would drop its activation)."""
     _refuse_wrappers("convert_sync_batchnorm", module)
     for name, child in module.named_modules():
-        why = _timm_unfusable_reason(child) if _is_timm_batch_norm_act(child) else None
+        why = _timm_unfusable_reason(child) if _is_trainable_timm_batch_norm_act(child) else None
         if why is not None:
             raise TypeError(f"convert_sync_batchnorm: expected timm BatchNormAct2d modules fusedres can fuse, got "
                             f"{name or '<model>'}, where {why}; synchronize that model with timm's "
@@ -510,16 +550,17 @@ def _synchronized_original(module: nn.Module) -> type:
     original = module.__dict__.get("_fusedres_original_class", type(module))
     if (original.__module__, original.__name__) == _TIMM_BATCH_NORM_ACT:
         return getattr(importlib.import_module(_TIMM_SYNC_BATCH_NORM_ACT[0]), _TIMM_SYNC_BATCH_NORM_ACT[1])
-    return nn.SyncBatchNorm if original is nn.BatchNorm2d else original
+    return nn.SyncBatchNorm if original in _PLAIN_BATCH_NORMS else original
 
 
 def _synchronize(module: nn.Module, process_group) -> nn.Module:
     """``module`` (or what replaces it) with its batch-norms synchronized over ``process_group``."""
-    if _is_timm_batch_norm_act(module):
+    if _is_trainable_timm_batch_norm_act(module):
         _convert_timm_batch_norm_act("", module, [])
-    if type(module) is nn.BatchNorm2d:
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         SyncBatchNormAct2d.fuse(module, "identity", original=nn.SyncBatchNorm)
-    elif isinstance(module, BatchNormAct2d) and not isinstance(module, SyncBatchNormAct2d):
+    elif isinstance(module, BatchNormAct) and not isinstance(module, SyncBatchNormAct2d) and \
+            not is_frozen_batch_norm(module):
         stored = module.__dict__.get("_fusedres_activation", module._fusedres_activation)
         SyncBatchNormAct2d.fuse(module, *stored, original=_synchronized_original(module),
                                 with_residual=module.fused_pattern in (BATCH_NORM_ADD_RELU, BATCH_NORM_ADD_ACT))
@@ -542,7 +583,7 @@ def conversion_report(model: nn.Module) -> dict[str, list[str]]:
                                     BATCH_NORM_ADD_ACT: []}
     unfused = []
     for name, module in model.named_modules():
-        if not isinstance(module, BatchNormAct2d):
+        if not isinstance(module, BatchNormAct):
             continue
         pattern = module.fused_pattern
         if pattern in (BATCH_NORM_RELU, BATCH_NORM_ACT) and ("act" in module._modules

@@ -5,7 +5,8 @@
   (``fuse_activation_module``); ``running_alone``. Each decides at call time whether it can run fused.
 - Classes: a converted block stays an instance of its original class: its class becomes a subclass made here,
   ``Fused<Name>``, whose forward runs the rewritten code kept (as source) in the block itself, and falls back to
-  the original forward when an attribute its trace read has changed. A timm ``BatchNormAct2d`` fused in place
+  the original forward when an attribute its trace read has changed. A batch-norm of a class outside torch.nn
+  (timm's ``BatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``...) fused in place
   (and an activation's stand-in) becomes a subclass of fusedres's class and of the original's
   (``fused_module_class``), so that the tools and loops looking for the original class still find it. The
   subclasses are importable by their qualified name, ``fusedres.converted.<qualname>``, which encodes the classes
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import describe_activation, eager_activation
-from .modules import (BatchNormAct2d, fused_class_for, fx_leaf, hooks_active, own_hooks, refuse_scripting, tracing,
+from .modules import (BatchNormAct, fused_class_for, fx_leaf, hooks_active, own_hooks, refuse_scripting, tracing,
                       warn_once)
 
 _PREFIX = "Fused["
@@ -146,9 +147,9 @@ def fused_class(base: type) -> type:
 
 
 def fused_module_class(fused: type, original: type) -> type:
-    """A subclass of the fused module class ``fused`` and of ``original`` (timm's BatchNormAct2d; an activation's
-    class for its ActivationFusedAway): fused's forward, and an instance of original for the code that looks for
-    it (made once, then reused)."""
+    """A subclass of the fused module class ``fused`` and of ``original`` (``modules.kept_original_base``: timm's
+    BatchNormAct2d, a frozen batch-norm; an activation's class for its ActivationFusedAway): fused's forward, and an
+    instance of original for the code that looks for it (made once, then reused)."""
     key = f"{_PREFIX}{_name(fused)}+{_name(original)}]"
     if key not in _classes:
         _classes[key] = type(fused.__name__, (fused, original),
@@ -183,7 +184,7 @@ def _warn_unfused(module: nn.Module) -> None:
 def running_alone(batch_norms):
     """Inside the block, these fused batch-norms compute the batch-norm alone when called, as the plain
     batch-norms they were (a converted block falling back to its original forward)."""
-    saved = [(m, m.__dict__.get("_fusedres_alone")) for m in batch_norms if isinstance(m, BatchNormAct2d)]
+    saved = [(m, m.__dict__.get("_fusedres_alone")) for m in batch_norms if isinstance(m, BatchNormAct)]
     for module, _ in saved:
         module.__dict__["_fusedres_alone"] = True
     try:
@@ -201,18 +202,18 @@ def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] 
     """A site of a converted forward: act(batch_norm(input) [+ residual]). ``activation_module``: the module the
     original forward called for the activation, looked up at call time (its activation is read from it then);
     else ``activation`` and ``negative_slope``, the function's. Fused when the batch-norm is still a
-    BatchNormAct2d, the activation one fusedres fuses, a residual of the batch-norm output's shape, and no hook
+    BatchNormAct, the activation one fusedres fuses, a residual of the batch-norm output's shape, and no hook
     watches the batch-norm or the activation module; otherwise unfused, each module called as the original forward
     called it (exact)."""
     if activation_module is not None:
         activation, negative_slope = describe_activation(activation_module) or (None, 0.01)
     traced = tracing(input, residual)  # the original's nodes: batch-norm, add, activation (fusedres.modules)
-    fusable = isinstance(batch_norm, BatchNormAct2d) and activation is not None and not traced
+    fusable = isinstance(batch_norm, BatchNormAct) and activation is not None and not traced
     if fusable and residual is not None:
         fusable = isinstance(residual, Tensor) and residual.shape == input.shape  # else eager broadcasts
     if fusable and batch_norm.applies_only_own_activation() and not hooks_active(batch_norm, activation_module):
         return batch_norm(input, residual, activation=activation, negative_slope=negative_slope)
-    if isinstance(batch_norm, BatchNormAct2d):
+    if isinstance(batch_norm, BatchNormAct):
         if not traced:
             warn_once("site", "fusedres: a converted site runs unfused (exact, slower): a hook watches its "
                               "batch-norm or activation module, its activation module is one fusedres does not "
@@ -231,7 +232,7 @@ def fused_site(batch_norm: nn.Module, input: Tensor, residual: Optional[Tensor] 
 
 class ActivationFusedAway(nn.Module):
     """Stands where an activation module was whose work the batch-norm before it (``parent.<batch_norm_name>``,
-    a BatchNormAct2d) now does, while that batch-norm ``fuses_partner()``; otherwise (the batch-norm replaced by
+    a BatchNormAct) now does, while that batch-norm ``fuses_partner()``; otherwise (the batch-norm replaced by
     a module that does not apply it, a hook on either, the activation changed to one fusedres does not fuse) it
     applies the activation module itself (exact). Attributes of the activation module (``negative_slope``,
     ``inplace``...) are read and written through it. ``fusedres.revert`` puts the activation module back."""
@@ -268,7 +269,7 @@ class ActivationFusedAway(nn.Module):
         batch_norm = self.__dict__["parent"]._modules.get(self.__dict__["batch_norm_name"])
         if apply:
             pass
-        elif isinstance(batch_norm, BatchNormAct2d):
+        elif isinstance(batch_norm, BatchNormAct):
             partner = batch_norm.__dict__.get("_fusedres_partner")
             # (no partner: converted before 2026-12-01, when the batch-norm always applied the activation). A
             # DataParallel replica has its own stand-in holding the same activation module.
@@ -302,9 +303,10 @@ class ActivationFusedAway(nn.Module):
 
 
 def fuse_activation_module(parent: nn.Module, batch_norm_name: str, activation_name: str) -> None:
-    """``parent.<batch_norm_name>`` (an nn.BatchNorm2d) takes over the work of ``parent.<activation_name>`` (a
-    module that ``describe_activation`` knows): the batch-norm becomes a BatchNormAct2d (a BatchNormReLU2d for
-    ReLU) in place, the activation module an ActivationFusedAway, each knowing the other. Idempotent."""
+    """``parent.<batch_norm_name>`` (a batch-norm) takes over the work of ``parent.<activation_name>`` (a
+    module that ``describe_activation`` knows): the batch-norm becomes a BatchNormAct (``fused_class_for``: of its
+    rank, a BatchNormReLU*d for ReLU, or frozen) in place, the activation module an ActivationFusedAway, each
+    knowing the other. Idempotent."""
     activation_module = parent._modules[activation_name]
     if isinstance(activation_module, ActivationFusedAway):
         return

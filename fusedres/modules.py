@@ -1,8 +1,10 @@
-"""The public modules: ``BatchNormAct2d`` (an ``nn.BatchNorm2d`` that applies an activation, after an optional
-residual add; timm's ``BatchNormAct2d`` signature and state_dict), ``BatchNormReLU2d`` (the same with ReLU),
-``SyncBatchNormAct2d`` and ``AddReLU``, and the call-time checks they share with what conversion leaves in a
-model (``fusedres/converted.py``): whether hooks watch a module (``hooks_active``), whether a torch.fx trace is
-running (``tracing``, ``fx_leaf``).
+"""The public modules: ``BatchNormAct1d`` / ``2d`` / ``3d`` (an ``nn.BatchNorm1d`` / ``2d`` / ``3d`` that applies an
+activation, after an optional residual add; timm's ``BatchNormAct2d`` signature and state_dict),
+``BatchNormReLU1d`` / ``2d`` / ``3d`` (the same with ReLU and nn's constructor), ``SyncBatchNormAct2d``,
+``FrozenBatchNormAct2d`` (frozen statistics and affine: torchvision's ``FrozenBatchNorm2d`` state_dict, timm's
+``FrozenBatchNormAct2d`` signature), all of them ``BatchNormAct``s, and ``AddReLU``; and the call-time checks they
+share with what conversion leaves in a model (``fusedres/converted.py``): whether hooks watch a module
+(``hooks_active``), whether a torch.fx trace is running (``tracing``, ``fx_leaf``).
 
 A module's activation is read at every call: from its ``act`` (timm's semantics), from the activation module
 conversion fused into it, or from what conversion recorded. A converted batch-norm is called by its site
@@ -12,16 +14,21 @@ batch-norm: no activation)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed, ops
 from . import functional as FF
 from .activations import ACTIVATIONS, activation_class, describe_activation
 
-__all__ = ["BatchNormAct2d", "BatchNormReLU2d", "SyncBatchNormAct2d", "AddReLU", "fused_class_for", "site_pattern"]
+__all__ = ["BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormReLU1d", "BatchNormReLU2d",
+           "BatchNormReLU3d", "SyncBatchNormAct2d", "FrozenBatchNormAct2d", "AddReLU", "fused_class_for",
+           "site_pattern"]
 
 # The patterns a fused site serves (conversion_report's keys): the ReLU ones, and every other activation
 # (the identity included: a batch-norm followed by the residual add alone).
@@ -47,7 +54,7 @@ def _activation_module(act_layer, act_kwargs: dict | None, inplace: bool, apply_
         return act_layer
     if isinstance(act_layer, str):
         if describe_activation(act_layer) is None:
-            raise ValueError(f"BatchNormAct2d: unsupported activation {act_layer!r}; supported: "
+            raise ValueError(f"fusedres: unsupported activation {act_layer!r}; supported: "
                              f"{', '.join(ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
         act_layer = activation_class(act_layer)
     kwargs = {"inplace": inplace, **(act_kwargs or {})}  # as timm passes it; meaningless once fused
@@ -108,18 +115,31 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-class BatchNormAct2d(nn.BatchNorm2d):
-    """``act(batch_norm(input) [+ residual])`` through fusedres's fused kernels, ``act`` one of
-    ``fusedres.functional.ACTIVATIONS``.
+def _bias_argument(cls: type, bias: bool) -> dict:
+    """``bias=False`` for nn's batch-norm constructor (a weight without a bias), where this torch has it."""
+    if bias:
+        return {}
+    if "bias" not in inspect.signature(_BatchNorm.__init__).parameters:
+        raise TypeError(f"{cls.__name__}: bias=False needs a torch whose nn.BatchNorm2d takes it (2.14 does); this "
+                        f"is torch {torch.__version__}")
+    return {"bias": False}
 
-    timm's ``BatchNormAct2d`` signature and state_dict, and ``nn.BatchNorm2d``'s bookkeeping
-    (``num_batches_tracked``, ``momentum=None`` as a cumulative average computed on the device,
-    ``track_running_stats=False``, ``affine=False``, checkpoints without ``num_batches_tracked``). ``act_layer``:
-    the activation's ``nn.Module`` class (torch's or timm's), an instance, or its name (fusedres's or timm's, built
-    as timm builds it); ``apply_act=False``: the identity. The activation is read from ``act`` at every call, so a
-    module swapped in or an attribute changed later is applied; one fusedres does not fuse (``nn.ELU``, say) runs
-    after the fused batch-norm, unfused, with a warning. A ``drop_layer`` sits between the batch-norm and the
-    activation, where no kernel can fuse it: such a module runs the activation unfused, and says so when built."""
+
+class BatchNormAct(nn.Module):
+    """``act(batch_norm(input) [+ residual])`` through fusedres's fused kernels, ``act`` one of
+    ``fusedres.functional.ACTIVATIONS``: the base of every fused batch-norm module (``BatchNormAct1d`` / ``2d`` /
+    ``3d``, ``BatchNormReLU*d``, ``SyncBatchNormAct2d``, ``FrozenBatchNormAct2d``); ``isinstance(m, BatchNormAct)``
+    finds them all.
+
+    Each is also an instance of the batch-norm class it stands for (nn.BatchNorm1d / 2d / 3d; a frozen one converted
+    from torchvision's or timm's, of that class), with its bookkeeping (``num_batches_tracked``, ``momentum=None`` as
+    a cumulative average computed on the device, ``track_running_stats=False``, ``affine=False``, ``bias=False``,
+    checkpoints without ``num_batches_tracked``). ``act_layer``: the activation's ``nn.Module`` class (torch's or
+    timm's), an instance, or its name (fusedres's or timm's, built as timm builds it); ``apply_act=False``: the
+    identity. The activation is read from ``act`` at every call, so a module swapped in or an attribute changed
+    later is applied; one fusedres does not fuse (``nn.ELU``, say) runs after the fused batch-norm, unfused, with a
+    warning. A ``drop_layer`` sits between the batch-norm and the activation, where no kernel can fuse it: such a
+    module runs the activation unfused, and says so when built."""
 
     #: which fused pattern this module serves; set by conversion
     fused_pattern = BATCH_NORM_ACT
@@ -130,18 +150,27 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, apply_act: bool = True, act_layer=nn.ReLU,
-                 act_kwargs: dict | None = None, inplace: bool = True, drop_layer=None, device=None, dtype=None):
+                 act_kwargs: dict | None = None, inplace: bool = True, drop_layer=None, device=None, dtype=None, *,
+                 bias: bool = True):
+        # (the batch-norm class after this one in the MRO: nn.BatchNorm1d / 2d / 3d)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+                         track_running_stats=track_running_stats, device=device, dtype=dtype,
+                         **_bias_argument(type(self), bias))
+        self._add_activation(act_layer, act_kwargs, inplace, apply_act, drop_layer)
+
+    def _add_activation(self, act_layer, act_kwargs: dict | None, inplace: bool, apply_act: bool,
+                        drop_layer) -> None:
+        """The ``drop`` and ``act`` submodules, as timm's BatchNormAct2d builds them."""
+        name = type(self).__name__
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _activation_module(act_layer, act_kwargs, inplace, apply_act)
         described = describe_activation(self.act)
         if described is None:
-            raise ValueError(f"BatchNormAct2d: unsupported activation {type(self.act).__name__}; supported: "
+            raise ValueError(f"{name}: unsupported activation {type(self.act).__name__}; supported: "
                              f"{', '.join(ACTIVATIONS)} (or their nn.Module classes, or timm's names)")
         if drop_layer is not None:
-            warnings.warn(f"BatchNormAct2d: a drop_layer ({type(self.drop).__name__}) between the batch-norm and "
-                          f"the activation cannot be fused; this module runs the activation unfused", stacklevel=2)
+            warnings.warn(f"{name}: a drop_layer ({type(self.drop).__name__}) between the batch-norm and the "
+                          f"activation cannot be fused; this module runs the activation unfused", stacklevel=3)
 
     @property
     def activation(self) -> str | None:
@@ -172,8 +201,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         """Whether conversion made this module from a plain batch-norm (no activation of its own in the
         original: the activation it fuses belonged to the module or function after it)."""
         original = self.__dict__.get("_fusedres_original_class")
-        return original is not None and _timm_norm_act_base(original) is None and not issubclass(original,
-                                                                                                  BatchNormAct2d)
+        return original is not None and not _has_own_activation(original)
 
     def applies_only_own_activation(self) -> bool:
         """For a site that conversion gave this module (a timm BatchNormAct2d taking the add after it): whether its
@@ -224,22 +252,14 @@ class BatchNormAct2d(nn.BatchNorm2d):
                 raise ValueError(f"{name}: a module with a drop_layer takes no residual (the residual would have "
                                  f"to be added after the drop layer, which this module does not do)")
             activation, negative_slope = ("identity", 0.01) if unfused_activation else own
-        momentum = 0.0 if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_running else None
-        running_var = self.running_var if keep_running else None
+        use_batch_stats, running_mean, running_var, momentum = self._statistics()
         synchronized = self._synchronized()
         # Checked before num_batches_tracked moves: a call that raises leaves the module as it was. (A synchronized
         # batch-norm's values per channel are the whole group's.)
         FF.validate_batch_norm_act(name, input, residual, running_mean, running_var, self.weight, self.bias,
                                    use_batch_stats, momentum, self.eps, activation, negative_slope,
                                    values_per_channel_known=not synchronized)
-        num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked, on the device
-                num_batches_tracked = self.num_batches_tracked
+        num_batches_tracked = self._count_batch()
         if synchronized:
             out = distributed.sync_batch_norm_act(input, residual, running_mean, running_var, self.weight, self.bias,
                                                   momentum, self.eps, activation, negative_slope,
@@ -252,27 +272,52 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return self.act(drop(out) if drop is not None else out)
         return out
 
+    def _statistics(self) -> tuple[bool, Tensor | None, Tensor | None, float]:
+        """``(use_batch_stats, running_mean, running_var, momentum)`` for this call, as nn.BatchNorm decides them:
+        batch statistics when training or without running statistics; running statistics updated when training
+        only if tracked."""
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return (use_batch_stats, self.running_mean if keep_running else None,
+                self.running_var if keep_running else None, 0.0 if self.momentum is None else self.momentum)
+
+    def _count_batch(self) -> Tensor | None:
+        """Count this batch in ``num_batches_tracked`` when nn.BatchNorm would; return the counter when it sets the
+        running-statistics factor (momentum=None: a cumulative average, 1 / num_batches_tracked on the device)."""
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return self.num_batches_tracked
+        return None
+
     def _synchronized(self) -> bool:
         """Whether this call normalizes with a process group's statistics (SyncBatchNormAct2d)."""
         return False
 
     @classmethod
-    def fuse(cls, batch_norm: nn.BatchNorm2d, activation: str = "relu", negative_slope: float = 0.01,
-             with_residual: bool = False, original: type | None = None) -> "BatchNormAct2d":
-        """Turn an ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``, or timm's BatchNormAct2d) into this class in place:
-        the same object, Parameters and buffers; ``revert`` gives back its original class (``original``: the class
-        revert should give instead, e.g. nn.SyncBatchNorm for a batch-norm that convert_sync_batchnorm
-        synchronizes). A timm BatchNormAct2d becomes a subclass of this class and of timm's, so that timm's tools
-        (``freeze_batch_norm_2d``, ``convert_sync_batchnorm``) still see its activation."""
+    def fuse(cls, batch_norm: nn.Module, activation: str = "relu", negative_slope: float = 0.01,
+             with_residual: bool = False, original: type | None = None) -> "BatchNormAct":
+        """Turn a batch-norm (nn.BatchNorm1d / 2d / 3d, nn.SyncBatchNorm, torchvision's FrozenBatchNorm2d, timm's
+        BatchNormAct2d or FrozenBatchNormAct2d) into this class in place: the same object, Parameters and buffers;
+        ``revert`` gives back its original class (``original``: the class revert should give instead, e.g.
+        nn.SyncBatchNorm for a batch-norm that convert_sync_batchnorm synchronizes). A class outside torch.nn
+        (torchvision's, timm's) is kept as a base: the module becomes a subclass of this class and of it, so that
+        the tools looking for it (timm's ``freeze_batch_norm_2d``, ``convert_sync_batchnorm``, code that finds frozen
+        batch-norms by type) still do."""
         original = original or batch_norm.__dict__.get("_fusedres_original_class", type(batch_norm))
-        if not isinstance(batch_norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            raise TypeError(f"{cls.__name__}.fuse: expected an nn.BatchNorm2d or nn.SyncBatchNorm, got "
+        if not (isinstance(batch_norm, (_BatchNorm, BatchNormAct)) or kept_original_base(original) is not None):
+            raise TypeError(f"{cls.__name__}.fuse: expected a batch-norm (nn.BatchNorm1d, 2d or 3d, nn.SyncBatchNorm, "
+                            f"torchvision's FrozenBatchNorm2d, timm's BatchNormAct2d or FrozenBatchNormAct2d), got "
                             f"{type(batch_norm).__name__}")
-        timm_class = _timm_norm_act_base(original)
-        if timm_class is not None:
+        if is_frozen_class(original) != issubclass(cls, FrozenBatchNormAct2d):
+            raise TypeError(f"{cls.__name__}.fuse: a {original.__name__} becomes "
+                            f"{'a FrozenBatchNormAct2d' if is_frozen_class(original) else 'a trainable BatchNormAct'}"
+                            f"; fused_class_for(module, activation) names the class")
+        kept = kept_original_base(original)
+        if kept is not None:
             from .converted import fused_module_class
 
-            cls = fused_module_class(cls, timm_class)
+            cls = fused_module_class(cls, kept)
         batch_norm.__class__ = cls
         batch_norm.__dict__.update(_fusedres_original_class=original,
                                    _fusedres_activation=(activation, float(negative_slope)),
@@ -280,7 +325,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return batch_norm
 
     @staticmethod
-    def unfuse(module: "BatchNormAct2d") -> nn.BatchNorm2d:
+    def unfuse(module: "BatchNormAct") -> nn.Module:
         """Back to the class it had before ``fuse`` (the same object, Parameters and buffers)."""
         original = module.__dict__.pop("_fusedres_original_class", nn.BatchNorm2d)
         for attribute in ("_fusedres_activation", "fused_pattern", "_fusedres_partner", "_fusedres_alone",
@@ -299,36 +344,67 @@ class BatchNormAct2d(nn.BatchNorm2d):
         super().__setstate__(state)
 
 
-class BatchNormReLU2d(BatchNormAct2d):
-    """``relu(batch_norm(input) [+ residual])``: ``BatchNormAct2d`` with ReLU, with ``nn.BatchNorm2d``'s
-    constructor, state_dict and repr (no ``act`` or ``drop`` submodules: it is what conversion makes of an
-    ``nn.BatchNorm2d``)."""
+class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
+    """``BatchNormAct`` on ``(N, C)`` or ``(N, C, L)`` inputs: an ``nn.BatchNorm1d``."""
+
+
+class BatchNormAct2d(BatchNormAct, nn.BatchNorm2d):
+    """``BatchNormAct`` on ``(N, C, H, W)`` inputs: an ``nn.BatchNorm2d``, with timm's ``BatchNormAct2d``
+    signature and state_dict."""
+
+
+class BatchNormAct3d(BatchNormAct, nn.BatchNorm3d):
+    """``BatchNormAct`` on ``(N, C, D, H, W)`` inputs: an ``nn.BatchNorm3d``."""
+
+
+class _WithReLU:
+    """``BatchNormReLU1d`` / ``2d`` / ``3d``: ReLU, with nn.BatchNorm*d's constructor, state_dict and repr (no
+    ``act`` or ``drop`` submodules: what conversion makes of a plain batch-norm)."""
 
     fused_pattern = BATCH_NORM_RELU
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None):
-        nn.BatchNorm2d.__init__(self, num_features, eps=eps, momentum=momentum, affine=affine,
-                                track_running_stats=track_running_stats, device=device, dtype=dtype)
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
+        super(BatchNormAct, self).__init__(num_features, eps=eps, momentum=momentum, affine=affine,  # nn's own
+                                           track_running_stats=track_running_stats, device=device, dtype=dtype,
+                                           **_bias_argument(type(self), bias))
+
+
+class BatchNormReLU1d(_WithReLU, BatchNormAct1d):
+    """``relu(batch_norm(input) [+ residual])`` with ``nn.BatchNorm1d``'s constructor and state_dict."""
+
+
+class BatchNormReLU2d(_WithReLU, BatchNormAct2d):
+    """``relu(batch_norm(input) [+ residual])`` with ``nn.BatchNorm2d``'s constructor and state_dict."""
+
+
+class BatchNormReLU3d(_WithReLU, BatchNormAct3d):
+    """``relu(batch_norm(input) [+ residual])`` with ``nn.BatchNorm3d``'s constructor and state_dict."""
 
 
 class SyncBatchNormAct2d(BatchNormAct2d):
     """``act(batch_norm(input) [+ residual])`` with the statistics of the whole process group's batch when training
     under torch.distributed (``fusedres.distributed``): nn.SyncBatchNorm's constructor and state_dict, plus
-    BatchNormAct2d's activation arguments. Deliberately not an nn.SyncBatchNorm: DistributedDataParallel refuses
-    those in a CPU module, and this one also runs there (gloo). In evaluation, or in a single process (no process
-    group, or one rank), it is a BatchNormAct2d: no communication. Every rank of ``process_group`` (default: the
-    world) must call it when training, as with nn.SyncBatchNorm; per-rank batch sizes may differ, an empty one
-    included."""
+    BatchNormAct2d's activation arguments. Any rank from 2, as nn.SyncBatchNorm (``convert_sync_batchnorm``
+    synchronizes 1-D and 3-D batch-norms with it too). Deliberately not an nn.SyncBatchNorm: DistributedDataParallel
+    refuses those in a CPU module, and this one also runs there (gloo). In evaluation, or in a single process (no
+    process group, or one rank), it is a BatchNormAct2d: no communication. Every rank of ``process_group``
+    (default: the world) must call it when training, as with nn.SyncBatchNorm; per-rank batch sizes may differ, an
+    empty one included."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: Any = None, act_layer=nn.ReLU,
                  act_kwargs: dict | None = None, apply_act: bool = True, inplace: bool = True, drop_layer=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, bias: bool = True):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, apply_act=apply_act, act_layer=act_layer,
-                         act_kwargs=act_kwargs, inplace=inplace, drop_layer=drop_layer, device=device, dtype=dtype)
+                         act_kwargs=act_kwargs, inplace=inplace, drop_layer=drop_layer, device=device, dtype=dtype,
+                         bias=bias)
         self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"{type(self).__name__}: expected at least 2D input (got {input.dim()}D input)")
 
     def _synchronized(self) -> bool:
         if not self.training or distributed.world_size(self.__dict__.get("process_group")) == 1:
@@ -341,27 +417,102 @@ class SyncBatchNormAct2d(BatchNormAct2d):
         return True
 
 
-_TIMM_NORM_ACT = ("timm.layers.norm_act", ("BatchNormAct2d", "SyncBatchNormAct"))
+class FrozenBatchNormAct2d(BatchNormAct):
+    """``act(batch_norm(input) [+ residual])`` with frozen statistics and affine: an eval-mode batch-norm that also
+    trains, as torchvision's ``FrozenBatchNorm2d`` (detection backbones) and timm's ``FrozenBatchNormAct2d`` are.
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers (torchvision's state_dict; a checkpoint's
+    ``num_batches_tracked`` is dropped, as there); the forward normalizes with the running statistics whatever the
+    mode, the backward gives gradients to the input and the residual only, and nothing is ever written to the
+    buffers. timm's ``FrozenBatchNormAct2d`` signature. Conversion makes torchvision's and timm's frozen
+    batch-norms subclasses of this class and of their own (``fuse``)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, apply_act: bool = True, act_layer=nn.ReLU,
+                 act_kwargs: dict | None = None, inplace: bool = True, drop_layer=None, device=None, dtype=None):
+        nn.Module.__init__(self)
+        self.num_features = num_features
+        self.eps = eps
+        factory = dict(device=device, dtype=dtype)
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self._add_activation(act_layer, act_kwargs, inplace, apply_act, drop_layer)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected 4D input (got {input.dim()}D input)")
+
+    def _statistics(self) -> tuple[bool, Tensor | None, Tensor | None, float]:
+        return False, self.running_mean, self.running_var, 0.0
+
+    def _count_batch(self) -> Tensor | None:
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # (a checkpoint of a trainable batch-norm)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
 
 
-def _timm_norm_act_base(original: type) -> type | None:
-    """timm's BatchNormAct2d class if ``original`` is it or timm's SyncBatchNormAct, else None. (A synchronized one
-    fused stays a subclass of BatchNormAct2d, not of SyncBatchNormAct, an nn.SyncBatchNorm: DDP refuses those in
-    CPU modules; timm's tools treat the two alike.)"""
-    module, names = _TIMM_NORM_ACT
-    if original.__module__ == module and original.__name__ in names:
-        return importlib.import_module(module).BatchNormAct2d
-    return None
+# Classes outside torch.nn that a fused module keeps as a base (``fuse``): (module, name) -> the base kept, and
+# whether the original applies an activation of its own (an ``act`` submodule).
+_KEPT_ORIGINALS = {
+    ("timm.layers.norm_act", "BatchNormAct2d"): (("timm.layers.norm_act", "BatchNormAct2d"), True),
+    # a synchronized one fused stays a subclass of BatchNormAct2d, not of SyncBatchNormAct, an nn.SyncBatchNorm:
+    # DDP refuses those in CPU modules; timm's tools treat the two alike
+    ("timm.layers.norm_act", "SyncBatchNormAct"): (("timm.layers.norm_act", "BatchNormAct2d"), True),
+    ("timm.layers.norm_act", "FrozenBatchNormAct2d"): (("timm.layers.norm_act", "FrozenBatchNormAct2d"), True),
+    ("torchvision.ops.misc", "FrozenBatchNorm2d"): (("torchvision.ops.misc", "FrozenBatchNorm2d"), False),
+}
+FROZEN_BATCH_NORMS = (("torchvision.ops.misc", "FrozenBatchNorm2d"), ("timm.layers.norm_act", "FrozenBatchNormAct2d"))
+
+
+def class_key(kind: type) -> tuple[str, str]:
+    return kind.__module__, kind.__name__
+
+
+def kept_original_base(original: type) -> type | None:
+    """The class a fused module keeps as a base for this original class (``_KEPT_ORIGINALS``), or None."""
+    kept = _KEPT_ORIGINALS.get(class_key(original))
+    return None if kept is None else getattr(importlib.import_module(kept[0][0]), kept[0][1])
+
+
+def _has_own_activation(original: type) -> bool:
+    kept = _KEPT_ORIGINALS.get(class_key(original))
+    return (kept is not None and kept[1]) or issubclass(original, BatchNormAct)
+
+
+def is_frozen_class(kind: type) -> bool:
+    """torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d, or fusedres's FrozenBatchNormAct2d."""
+    return issubclass(kind, FrozenBatchNormAct2d) or class_key(kind) in FROZEN_BATCH_NORMS
+
+
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """A frozen batch-norm (``is_frozen_class``), or what fusedres made of one."""
+    return is_frozen_class(module.__dict__.get("_fusedres_original_class", type(module))) or is_frozen_class(
+        type(module))
+
+
+_BY_RANK = {1: (nn.BatchNorm1d, BatchNormAct1d, BatchNormReLU1d), 2: (nn.BatchNorm2d, BatchNormAct2d, BatchNormReLU2d),
+            3: (nn.BatchNorm3d, BatchNormAct3d, BatchNormReLU3d)}
 
 
 def fused_class_for(batch_norm: nn.Module, activation: str) -> type:
-    """The class a batch-norm becomes when fused with ``activation``: synchronized if it was (``fuse`` then
-    derives timm's subclasses)."""
+    """The class a batch-norm becomes when fused with ``activation``: synchronized or frozen if it was (``fuse``
+    then derives the subclasses of classes outside torch.nn), else of its rank."""
     if isinstance(batch_norm, (nn.SyncBatchNorm, SyncBatchNormAct2d)):
         return SyncBatchNormAct2d
+    if is_frozen_batch_norm(batch_norm):
+        return FrozenBatchNormAct2d
+    _, act_class, relu_class = next((classes for classes in _BY_RANK.values() if isinstance(batch_norm, classes[0])),
+                                    _BY_RANK[2])
     if "act" in batch_norm._modules:  # timm's: it keeps its act module
-        return BatchNormAct2d
-    return BatchNormReLU2d if activation == "relu" else BatchNormAct2d
+        return act_class
+    return relu_class if activation == "relu" else act_class
 
 
 class AddReLU(nn.Module):

@@ -90,6 +90,12 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return channels_last if ordered else torch.contiguous_format
 
 
+def memory_format(dim: int, channels_last: bool) -> torch.memory_format:
+    """The memory format of a ``dim``-D tensor laid out channels-last when ``channels_last``: torch.channels_last
+    (4-D), torch.channels_last_3d (5-D); contiguous otherwise (a 2-D or 3-D tensor has no channels-last format)."""
+    return _CHANNELS_LAST.get(dim, torch.contiguous_format) if channels_last else torch.contiguous_format
+
+
 def dense(t: Tensor) -> Tensor:
     """``t`` itself if it is dense in the format eager gives its output (contiguous, or channels-last for 4-D and
     5-D), else a copy in its suggested format."""

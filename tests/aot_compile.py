@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import time
@@ -27,24 +28,26 @@ from fusedres.kernels import add_act as AK  # noqa: E402
 from fusedres.kernels import batch_norm as BK  # noqa: E402
 from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64, recorded_launches  # noqa: E402
 from fusedres.report.compiled import Specialisation, compile_for, specialise  # noqa: E402
-from fusedres.report.kernel_report import RESNET50_SITES  # noqa: E402
+from fusedres.ops import memory_format  # noqa: E402
+from fusedres.report.kernel_report import RANK_SITES, RESNET50_SITES, site_shape  # noqa: E402
 
 META = torch.device("meta")
 
-# ResNet-50's batch-norm shapes at batch 128 (they set the GPU tile choices), and odd small ones.
-SHAPES = [(128, c, hw, hw) for c, hw, _, _ in RESNET50_SITES] + [(3, 37, 5, 7), (1, 3, 1, 1)]
+# ResNet-50's batch-norm shapes at batch 128 (they set the GPU tile choices), the other ranks' (r3d_18's 3-D sites,
+# an MLP head's (N, C)), and odd small ones.
+SHAPES = ([site_shape(128, c, size) for c, size, _, _ in RESNET50_SITES + RANK_SITES]
+          + [(5, 12, 17), (3, 37, 5, 7), (1, 3, 1, 1)])
 
 
 def _tensor(shape, dtype, channels_last=False):
-    t = torch.empty(shape, dtype=dtype, device=META)
-    return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+    return torch.empty(shape, dtype=dtype, device=META).to(memory_format=memory_format(len(shape), channels_last))
 
 
 def record_variants(quick: bool) -> list:
     """Call every launcher across dtypes, layouts, optional operands, shapes and the 64-bit switch."""
     dtypes = [(torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)]
-    shapes = SHAPES[-2:] + SHAPES[1:2] if quick else SHAPES
+    shapes = SHAPES[-3:] + SHAPES[1:2] if quick else SHAPES
     specs = {}
     with recorded_launches() as launches:
         for (dtype, param_dtype), shape, channels_last, int64 in itertools.product(
@@ -135,7 +138,7 @@ def _call_launchers(shape, dtype, param_dtype, channels_last):
                                   grad_z_out=activation_tensor(), **source, **kwargs)
         BK.bn_backward_dx(y, x, vec(stats), vec(stats), vec(), vec(), 1e-5, sums, grad_is_dy=True,
                           grad_x_out=activation_tensor(), **kwargs)
-        flat = _tensor((shape[0] * c * shape[2] * shape[3],), dtype)
+        flat = _tensor((math.prod(shape),), dtype)
         AK.add_act_forward(flat, _tensor(flat.shape, param_dtype), _tensor(flat.shape, param_dtype), **kwargs)
         second = None if activation in DERIVATIVE_FROM_OUTPUT else flat
         AK.act_backward(flat, flat, second, _tensor(flat.shape, dtype), **kwargs)

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusedres.modules import is_frozen_batch_norm
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda") if torch.cuda.is_available() and not INTERPRETING else torch.device("cpu")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -131,9 +133,15 @@ def randomize_batch_norms(model: torch.nn.Module, generator: torch.Generator | N
     identity in eval mode."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                if module.affine:
+            if is_frozen_batch_norm(module):  # torchvision's, timm's or fusedres's: every tensor is a buffer
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.3)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                if module.weight is not None:
                     module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                if module.bias is not None:  # (None: affine=False, or bias=False)
                     module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
                 if module.track_running_stats:
                     module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.3)

@@ -498,3 +498,32 @@ def test_statistics_of_a_channel_far_from_zero_are_as_accurate_as_eagers(channel
         errors[name] = [float((a.double() - b).abs().max()) for a, b in ((y, y64), (rm, rm64), (rv, rv64))]
     for what, fused, eager in zip(("output", "running_mean", "running_var"), errors["fused"], errors["eager"]):
         assert fused <= max(eager, 1e-6), f"{what}: fused error {fused:.3g}, eager's {eager:.3g}"
+
+
+class _CachesOnFirstCall(nn.Module):
+    """Computes something on its first call and keeps it, as torchvision's MultiScaleRoIAlign keeps its scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.channels = None
+
+    def forward(self, x):
+        if self.channels is None:
+            self.channels = x.shape[1]
+        return torch.relu(self.bn(x)) * self.channels
+
+
+def test_conversion_leaves_no_trace_state_in_modules_that_cache_on_their_first_call():
+    """convert traces forwards: what a forward sets on its module while traced (values made of Proxies) is undone,
+    so the first real call computes it as in the original; and a forward that sets attributes is not replaced by
+    its trace (which would not set them): its site is named, unfused."""
+    eager = randomize_batch_norms(_CachesOnFirstCall()).double().to(DEVICE).eval()
+    fused = fusedres.convert(eager)
+    assert fused.channels is None
+    report = fusedres.conversion_report(fused)
+    assert report["batch_norm_relu"] == [] and any("sets self.channels" in text for text in report["not_analysed"])
+    x = make_input((2, 3, 4, 4), torch.float64)
+    for _ in range(2):
+        assert_close(fused(x), eager(x), "a module that caches on its first call", tolerance=MODEL_TOLERANCE)
+    assert fused.channels == eager.channels == 3

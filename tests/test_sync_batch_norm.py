@@ -87,7 +87,7 @@ def test_torch_convert_sync_batchnorm_on_a_converted_model_warns_and_names_fused
 
 
 class _ConvHead(nn.Module):
-    """A convolutional stem and a 1-D batch-norm head: the head's batch-norms are not 4-D and must not be fused."""
+    """A convolutional stem and a 1-D batch-norm head: both fuse, of their own ranks."""
 
     def __init__(self):
         super().__init__()
@@ -101,17 +101,22 @@ class _ConvHead(nn.Module):
         return torch.relu(self.head_bn(self.linear(y)))
 
 
-def test_convert_sync_batchnorm_synchronizes_other_batch_norms_as_torch_does():
-    model = fusedres.convert_sync_batchnorm(fusedres.convert(_ConvHead()))
+def test_convert_sync_batchnorm_synchronizes_batch_norms_of_every_rank():
+    converted = fusedres.convert(_ConvHead())
+    assert type(converted.head_bn) is fusedres.BatchNormReLU1d
+    model = fusedres.convert_sync_batchnorm(converted)
     assert type(model.bn) is fusedres.SyncBatchNormAct2d and model.bn.activation == "relu"
-    assert type(model.head_bn) is nn.SyncBatchNorm
-    # torch's converter first: fusedres.convert then fuses only the nn.SyncBatchNorm fed by a convolution
+    assert type(model.head_bn) is fusedres.SyncBatchNormAct2d and model.head_bn.activation == "relu"
+    # torch's converter first: fusedres.convert then fuses the nn.SyncBatchNorms, whatever their inputs' rank
     fused = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(_ConvHead()))
-    assert type(fused.bn) is fusedres.SyncBatchNormAct2d and type(fused.head_bn) is nn.SyncBatchNorm
+    assert type(fused.bn) is fusedres.SyncBatchNormAct2d and type(fused.head_bn) is fusedres.SyncBatchNormAct2d
     fused.eval()
     reference = fusedres.revert(fused)
+    assert type(reference.head_bn) is nn.SyncBatchNorm
     x = torch.randn(2, 3, 6, 6)
     assert_close(fused(x), reference(x), "a converted model with a 1-D synchronized head")
+    # revert after convert_sync_batchnorm: what torch's converter makes of each (nn.SyncBatchNorm)
+    assert type(fusedres.revert(model).head_bn) is nn.SyncBatchNorm
 
 
 def test_convert_sync_batchnorm_takes_timm_batch_norm_act_and_refuses_what_it_cannot_fuse():

@@ -4,8 +4,9 @@ switch, scratch and the ticket counters of the last-program merges, and the laun
 
 How a kernel walks an (N, C, H, W) tensor (any rank from 2: the spatial dims flattened, so H*W stands for their
 product): as ``outer x inner`` rows of ``channels`` columns. A channels_last tensor is one ``[N*H*W, C]`` matrix
-(outer = 1), an NCHW tensor is ``N`` blocks of ``H*W`` contiguous rows per channel (outer = N). Every operand carries its own (outer, inner, channel) strides, so a tensor in the other
-layout, or an expanded gradient, is read through its strides. A program covers one block of channels and one
+(outer = 1), an NCHW tensor is ``N`` blocks of ``H*W`` contiguous rows per channel (outer = N). Every operand
+carries its own (outer, inner, channel) strides, so a tensor in the other layout, or an expanded gradient, is read
+through its strides. A program covers one block of channels and one
 *split* of the chunks (a chunk being one ``block_rows`` run of rows inside one outer block), one tile at a time.
 
 Two ways of reading a tile (docs/design.md, "Access width"):

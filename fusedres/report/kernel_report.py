@@ -89,7 +89,7 @@ class OpTensors:
 def make_tensors(shape, dtype: torch.dtype, channels_last: bool, device) -> OpTensors:
     """Random activations (uninitialised on meta) and per-channel tensors in fp32 for half inputs, as autocast
     gives; running variances positive."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = ops.memory_format(len(shape), channels_last)
     params = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     activation = lambda: torch.randn(shape, device=device).to(dtype=dtype, memory_format=fmt)  # noqa: E731
     vector = lambda: torch.rand(shape[1], device=device, dtype=params) + 0.5  # noqa: E731
@@ -257,7 +257,24 @@ RESNET50_SITES = [
 ]
 # --quick (the report's and the benchmark's): 56x56, 28x28 (add), 14x14, 7x7 (add).
 QUICK_SITES = [RESNET50_SITES[i] for i in (1, 6, 7, 11)]
+# torchvision's video ResNet r3d_18 on 16-frame 112x112 clips: BatchNorm3d sites, (channels, (depth, height,
+# width), what follows, how many times); its three shortcut projections' batch-norms are not sites.
+R3D18_SITES = [
+    (64, (16, 56, 56), "relu", 3), (64, (16, 56, 56), "add_relu", 2), (128, (8, 28, 28), "relu", 2),
+    (128, (8, 28, 28), "add_relu", 2), (256, (4, 14, 14), "relu", 2), (256, (4, 14, 14), "add_relu", 2),
+    (512, (2, 7, 7), "relu", 2), (512, (2, 7, 7), "add_relu", 2),
+]
+# The report's other ranks: two of r3d_18's sites (channels_last_3d or NCDHW), and a BatchNorm1d MLP head on (N, C).
+RANK_SITES = [R3D18_SITES[1], R3D18_SITES[4], (2048, (), "relu", 1)]
 BATCH = 128
+
+
+def site_shape(batch: int, channels: int, size) -> tuple[int, ...]:
+    """A site's input shape: ``size`` is the height = width of a 2-D site, or the spatial sizes (a tuple, empty for
+    ``(N, C)``)."""
+    return (batch, channels, size, size) if isinstance(size, int) else (batch, channels, *size)
+
+
 # The configurations the report covers: docs/design.md's primary (bf16 channels_last) and the NCHW ones whose
 # small spatial sizes need the slab walk.
 CONFIGURATIONS = [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, False)]
@@ -272,7 +289,7 @@ def site_cases(sites=RESNET50_SITES, configurations=CONFIGURATIONS, batch: int =
         for dtype, channels_last in configurations:
             for op in ops_here:
                 for mode in MODES[op]:
-                    cases.append(dict(op=op, mode=mode, shape=(batch, channels, size, size), dtype=dtype,
+                    cases.append(dict(op=op, mode=mode, shape=site_shape(batch, channels, size), dtype=dtype,
                                       channels_last=channels_last, activation="relu"))
     return cases
 
@@ -388,7 +405,8 @@ def main(argv=None) -> int:
         sys.exit("fusedres.report.kernel_report: compiles for the GPU; run it without TRITON_INTERPRET=1")
     sites = QUICK_SITES if options.quick else RESNET50_SITES
     started = time.time()
-    rows = analyse_cases(site_cases(sites) + activation_cases(), jobs=options.jobs)
+    rows = analyse_cases(site_cases(sites) + activation_cases() + site_cases(RANK_SITES, CONFIGURATIONS[:2]),
+                         jobs=options.jobs)
     print(format_table(rows))
     problems = [p for row in rows for p in kernel_limits(row)]
     for problem in problems:
