@@ -29,13 +29,13 @@ from fusedres.kernels import batch_norm as BK  # noqa: E402
 from fusedres.kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, forced_int64, recorded_launches  # noqa: E402
 from fusedres.report.compiled import Specialisation, compile_for, specialise  # noqa: E402
 from fusedres.ops import memory_format  # noqa: E402
-from fusedres.report.kernel_report import RANK_SITES, RESNET50_SITES, site_shape  # noqa: E402
+from fusedres.report.kernel_report import RANK_SHAPES, RESNET50_SITES, site_shape  # noqa: E402
 
 META = torch.device("meta")
 
 # ResNet-50's batch-norm shapes at batch 128 (they set the GPU tile choices), the other ranks' (r3d_18's 3-D sites,
 # an MLP head's (N, C)), and odd small ones.
-SHAPES = ([site_shape(128, c, size) for c, size, _, _ in RESNET50_SITES + RANK_SITES]
+SHAPES = ([site_shape(128, c, size) for c, size, _, _ in RESNET50_SITES] + [shape for shape, _ in RANK_SHAPES]
           + [(5, 12, 17), (3, 37, 5, 7), (1, 3, 1, 1)])
 
 

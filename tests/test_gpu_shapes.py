@@ -1,5 +1,6 @@
 """ResNet-sized shapes on a GPU, against eager PyTorch in fp64: a training step (output, running statistics,
-every gradient) and inference, in each dtype and layout, with and without the residual. Forty cases and about a
+every gradient) and inference, in each dtype and layout, with and without the residual (3-D and (N, C) inputs
+too). Fifty-six cases and about a
 hundred kernel specialisations to compile: bench/gpu_check.sh runs this file after the race-critical tests, on
 several pytest-xdist workers. Skipped without a CUDA GPU."""
 from __future__ import annotations
@@ -14,7 +15,9 @@ from tests.helpers import (INTERPRETING, assert_close, fp64_copy, make_input, re
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14), (32, 2048, 7, 7), (8, 64, 112, 112), (5, 37, 13, 11)]
+# ResNet-50's, then other ranks: r3d_18's second stage (channels_last_3d when channels_last) and an MLP head (N, C).
+SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14), (32, 2048, 7, 7), (8, 64, 112, 112), (5, 37, 13, 11),
+          (4, 128, 8, 28, 28), (4096, 512)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

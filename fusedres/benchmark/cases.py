@@ -1,5 +1,6 @@
-"""What the benchmark measures: ResNet-50's batch-norm sites, the ops and modes, each provider's callable, and
-the floor bytes every provider's effective bandwidth is computed from (docs/design.md's two-pass floors)."""
+"""What the benchmark measures: ResNet-50's batch-norm sites (or r3d_18's, 3-D), the ops and modes, each
+provider's callable, and the floor bytes every provider's effective bandwidth is computed from (docs/design.md's
+two-pass floors)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,15 +11,31 @@ import torch
 import torch.nn.functional as F
 
 from fusedres.activations import eager_activation
-from fusedres.report.kernel_report import QUICK_SITES, RESNET50_SITES, floor_element_bytes  # noqa: F401 (the sites)
+from fusedres.ops import memory_format
+from fusedres.report.kernel_report import (QUICK_SITES, R3D18_SITES, RESNET50_SITES,  # noqa: F401 (the sites)
+                                           floor_element_bytes, site_shape)
 
 OPS = ("batch_norm_relu", "batch_norm_add_relu", "add_relu")
+# A frozen batch-norm's sites (torchvision's FrozenBatchNorm2d, detection backbones): the running statistics in every
+# mode, gradients to the input and the residual only. Eager is torchvision's arithmetic.
+FROZEN_OPS = ("frozen_batch_norm_relu", "frozen_batch_norm_add_relu")
 MODES = ("inference", "train_forward", "backward", "forward_backward")
+# The site tables the ops suite takes (--sites), and their --quick subsets.
+SITES = {"resnet50": (RESNET50_SITES, QUICK_SITES), "r3d_18": (R3D18_SITES, R3D18_SITES[1::3])}
+
+
+def unfrozen(op: str) -> str:
+    """The op a frozen one is the eval mode of (its floors, its launches)."""
+    return op.removeprefix("frozen_")
 
 
 def op_label(op: str, activation: str) -> str:
     """The op's name in the results: batch_norm_relu, or batch_norm_silu, add_mish... for another activation."""
     return op if activation == "relu" else op.replace("relu", activation)
+
+
+def is_frozen(op: str) -> bool:
+    return op in FROZEN_OPS
 
 
 # The ops suite's modes in terms of the kernel report's (whose floors are docs/design.md's): "backward" is the
@@ -29,6 +46,8 @@ _REPORT_MODES = {"inference": ("inference",), "train_forward": ("train_forward",
                  "forward_backward": ("train_forward", "train_backward")}
 _ADD_REPORT_MODES = {"inference": ("forward",), "train_forward": ("forward",), "backward": ("backward",),
                      "forward_backward": ("forward", "backward")}
+_FROZEN_REPORT_MODES = {"inference": ("inference",), "train_forward": ("inference",), "backward": ("eval_backward",),
+                        "forward_backward": ("inference", "eval_backward")}
 TIMED_MODE = {"inference": "inference", "train_forward": "train_forward", "train_backward": "backward",
               "eval_backward": "backward", "forward": "inference", "backward": "backward"}
 
@@ -39,14 +58,18 @@ def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, 
     numel = 1
     for size in shape:
         numel *= size
-    modes = (_ADD_REPORT_MODES if op == "add_relu" else _REPORT_MODES)[mode]
-    per_element = sum(floor_element_bytes(op, report_mode, activation) for report_mode in modes)
+    modes = (_ADD_REPORT_MODES if op == "add_relu" else _FROZEN_REPORT_MODES if is_frozen(op) else _REPORT_MODES)[mode]
+    per_element = sum(floor_element_bytes(unfrozen(op), report_mode, activation) for report_mode in modes)
     return per_element * numel * torch.empty((), dtype=dtype).element_size()
 
 
 def eager_op(op: str, training: bool, activation: str = "relu") -> Callable:
     """The eager PyTorch composition a user writes today (the baseline, and what torch.compile compiles)."""
     act = lambda z: eager_activation(activation, z)  # noqa: E731 (the expression a user writes; slope 0.01)
+    if op == "frozen_batch_norm_relu":
+        return lambda x, r, rm, rv, w, b: act(frozen_batch_norm(x, rm, rv, w, b))
+    if op == "frozen_batch_norm_add_relu":
+        return lambda x, r, rm, rv, w, b: act(frozen_batch_norm(x, rm, rv, w, b) + r)
     if op == "add_relu":
         return lambda x, r, rm, rv, w, b: act(x + r)
     if op == "batch_norm_relu":
@@ -54,12 +77,21 @@ def eager_op(op: str, training: bool, activation: str = "relu") -> Callable:
     return lambda x, r, rm, rv, w, b: act(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
 
 
+def frozen_batch_norm(x, rm, rv, w, b, eps: float = 1e-5):
+    """torchvision's FrozenBatchNorm2d.forward, for any rank, its per-channel terms in x's dtype (a model cast to
+    half precision has its buffers in it)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = w.reshape(shape) * (rv.reshape(shape) + eps).rsqrt()
+    return x * scale.to(x.dtype) + (b.reshape(shape) - rm.reshape(shape) * scale).to(x.dtype)
+
+
 def fused_op(op: str, training: bool, activation: str = "relu") -> Callable:
     import fusedres.functional as FF  # imported late: the CLI decides on Triton's interpreter first
 
     if op == "add_relu":
         return lambda x, r, rm, rv, w, b: FF.add_act(x, r, activation=activation)
-    residual = op == "batch_norm_add_relu"
+    training = training and not is_frozen(op)
+    residual = op in ("batch_norm_add_relu", "frozen_batch_norm_add_relu")
     return lambda x, r, rm, rv, w, b: FF.batch_norm_act(x, rm, rv, w, b, training, residual=r if residual else None,
                                                         activation=activation)
 
@@ -80,7 +112,7 @@ class OpInputs:
 
     @property
     def differentiable(self):
-        return [self.x, self.r, self.w, self.b]
+        return [t for t in (self.x, self.r, self.w, self.b) if t.requires_grad]
 
     def float64_copy(self) -> "OpInputs":
         """The same values in float64 (the reference both providers are measured against)."""
@@ -88,9 +120,12 @@ class OpInputs:
         return OpInputs(*(copy(t) for t in (self.x, self.r, self.rm, self.rv, self.w, self.b, self.grad)))
 
 
-def make_inputs(shape, dtype, channels_last: bool, device, requires_grad: bool, seed: int = 0) -> OpInputs:
+def make_inputs(shape, dtype, channels_last: bool, device, requires_grad: bool, seed: int = 0,
+                frozen: bool = False) -> OpInputs:
+    """The activations (channels-last: of the tensor's rank) and per-channel tensors (weight and bias frozen: no
+    gradient) of one case."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(len(shape), channels_last)
 
     def activation():
         t = torch.randn(shape, generator=generator).to(device=device, dtype=dtype, memory_format=fmt)
@@ -100,7 +135,8 @@ def make_inputs(shape, dtype, channels_last: bool, device, requires_grad: bool, 
     params = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     vec = lambda scale, shift: (torch.randn(c, generator=generator) * scale + shift).to(device, params)  # noqa
     return OpInputs(activation(), activation(), vec(0.1, 0.0), vec(0.1, 1.0).abs(),
-                    vec(0.1, 1.0).requires_grad_(requires_grad), vec(0.1, 0.0).requires_grad_(requires_grad),
+                    vec(0.1, 1.0).requires_grad_(requires_grad and not frozen),
+                    vec(0.1, 0.0).requires_grad_(requires_grad and not frozen),
                     activation().detach())
 
 

@@ -34,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on a GPU, 2 on a CPU (the "
                                                                       "kernels suite: 128 everywhere)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated: " + ", ".join(PROVIDERS))
-    parser.add_argument("--ops", default="batch_norm_relu,batch_norm_add_relu,add_relu")
+    parser.add_argument("--ops", default="batch_norm_relu,batch_norm_add_relu,add_relu",
+                        help="comma-separated: batch_norm_relu, batch_norm_add_relu, add_relu, and the frozen "
+                             "batch-norm's frozen_batch_norm_relu, frozen_batch_norm_add_relu")
+    parser.add_argument("--sites", default="resnet50", help="the ops suite's shapes: resnet50 (ResNet-50's batch-norm "
+                                                            "sites) or r3d_18 (a video ResNet's, 3-D)")
     parser.add_argument("--modes", default="inference,train_forward,backward,forward_backward",
                         help="modes of the ops suite")
     parser.add_argument("--activation", default="relu", help="the ops suite's activation in ReLU's place: one of "
@@ -66,8 +70,9 @@ def _run_suite(suite: str, settings, options, out: pathlib.Path) -> Iterable[dic
     if suite == "ops":
         from .ops_suite import run_ops
 
-        return run_ops(settings, ops=_choose("ops", options.ops, ("batch_norm_relu", "batch_norm_add_relu",
-                                                                   "add_relu")),
+        from .cases import FROZEN_OPS, OPS
+
+        return run_ops(settings, ops=_choose("ops", options.ops, OPS + FROZEN_OPS),
                        modes=_choose("modes", options.modes, ("inference", "train_forward", "backward",
                                                               "forward_backward")))
     if suite == "blocks":
@@ -119,7 +124,8 @@ def main(argv=None) -> int:
                         layouts=_choose("layout", options.layout, ("channels_last", "nchw")), providers=providers,
                         batch_size=options.batch_size or (128 if on_gpu else 2), quick=options.quick,
                         warmup_ms=options.warmup_ms, rep_ms=options.rep_ms,
-                        activation=_choose("activation", options.activation, ACTIVATIONS)[0])  # (the table's)
+                        activation=_choose("activation", options.activation, ACTIVATIONS)[0],  # (the table's)
+                        sites=_choose("sites", options.sites, ("resnet50", "r3d_18"))[0])
     env = environment.collect(device)
     out = options.out or pathlib.Path("fusedres-bench-results") / (
         re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-") + "-" + datetime.date.today().isoformat())

@@ -7,28 +7,34 @@ from typing import Iterator
 
 import torch
 
-from .cases import (MODES, OPS, QUICK_SITES, RESNET50_SITES, eager_op, floor_bytes, fused_op, make_inputs,
-                    mode_callable, op_label)
+from .cases import (MODES, OPS, SITES, eager_op, floor_bytes, fused_op, is_frozen, make_inputs, mode_callable,
+                    op_label, site_shape, unfrozen)
 from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
                      rows_of_cases)
 
 
 
-def op_shapes(op: str, batch_size: int, on_gpu: bool, quick: bool) -> list[tuple[int, int, int, int]]:
-    """ResNet-50's sites that this op serves (batch-norm + ReLU: the sites followed by a ReLU; the others: those
-    followed by the add); on a CPU, the same sites scaled down for the interpreter."""
-    wanted = "relu" if op == "batch_norm_relu" else "add_relu"
-    sites = [(c, hw) for c, hw, follows, _ in (QUICK_SITES if quick else RESNET50_SITES) if follows == wanted]
+def op_shapes(op: str, batch_size: int, on_gpu: bool, quick: bool, sites: str = "resnet50") -> list[tuple[int, ...]]:
+    """The sites of ``sites`` (ResNet-50's, r3d_18's) that this op serves (batch-norm + ReLU: the sites followed by
+    a ReLU; the others: those followed by the add); on a CPU, the same sites scaled down for the interpreter."""
+    wanted = "relu" if unfrozen(op) == "batch_norm_relu" else "add_relu"
+    table, quick_table = SITES[sites]
+    chosen = [(c, size) for c, size, follows, _ in (quick_table if quick else table) if follows == wanted]
     if not on_gpu:
-        sites = [(max(3, c // 32), max(3, hw // 8)) for c, hw in sites][: 1 if quick else 3]
-    return [(batch_size, c, hw, hw) for c, hw in dict.fromkeys(sites)]
+        chosen = [(max(3, c // 32), _scaled(size)) for c, size in chosen][: 1 if quick else 3]
+    return [site_shape(batch_size, c, size) for c, size in dict.fromkeys(chosen)]
+
+
+def _scaled(size):
+    return max(3, size // 8) if isinstance(size, int) else tuple(max(2, s // 8) for s in size)
 
 
 def run_ops(settings: Settings, ops=OPS, modes=MODES) -> Iterator[dict]:
     """The rows of each case as soon as it is measured."""
     cases = [(op, shape, dtype, layout, mode) for op in ops for dtype in settings.dtypes
              for layout in settings.layouts for shape in op_shapes(op, settings.batch_size, settings.on_gpu,
-                                                                   settings.quick) for mode in modes]
+                                                                   settings.quick, settings.sites)
+             for mode in modes]
 
     def rows_of(case):
         op, shape, dtype, layout, mode = case
@@ -43,7 +49,8 @@ def run_ops(settings: Settings, ops=OPS, modes=MODES) -> Iterator[dict]:
 
 def _inputs(spec, device, seed=0):
     op, mode, shape, dtype, channels_last = spec
-    return make_inputs(shape, dtype, channels_last, device, mode in ("backward", "forward_backward"), seed)
+    return make_inputs(shape, dtype, channels_last, device, mode in ("backward", "forward_backward"), seed,
+                       frozen=is_frozen(op))
 
 
 def _gpu_rows(base, spec, settings: Settings) -> list[dict]:

@@ -22,6 +22,7 @@ class Settings:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     activation: str = "relu"  # the ops suite's activation
+    sites: str = "resnet50"  # the ops suite's site table (cases.SITES)
 
     @property
     def on_gpu(self) -> bool:

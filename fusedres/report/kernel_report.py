@@ -248,6 +248,11 @@ def element_bytes(launch_bytes: list[LaunchBytes], shape, dtype: torch.dtype) ->
 # What the compiler makes of the launches (a process without TRITON_INTERPRET).
 # ----------------------------------------------------------------------------------------------------------
 
+def site_shape(batch: int, channels: int, size) -> tuple[int, ...]:
+    """A site's input shape: ``size`` is the height = width of a 2-D site, or the spatial sizes (a tuple)."""
+    return (batch, channels, size, size) if isinstance(size, int) else (batch, channels, *size)
+
+
 # ResNet-50's batch-norm sites (docs/design.md): (channels, height = width, what follows the batch-norm, how many
 # times); the report takes them at batch 128, the benchmark at its batch size.
 RESNET50_SITES = [
@@ -264,15 +269,12 @@ R3D18_SITES = [
     (128, (8, 28, 28), "add_relu", 2), (256, (4, 14, 14), "relu", 2), (256, (4, 14, 14), "add_relu", 2),
     (512, (2, 7, 7), "relu", 2), (512, (2, 7, 7), "add_relu", 2),
 ]
-# The report's other ranks: two of r3d_18's sites (channels_last_3d or NCDHW), and a BatchNorm1d MLP head on (N, C).
-RANK_SITES = [R3D18_SITES[1], R3D18_SITES[4], (2048, (), "relu", 1)]
 BATCH = 128
-
-
-def site_shape(batch: int, channels: int, size) -> tuple[int, ...]:
-    """A site's input shape: ``size`` is the height = width of a 2-D site, or the spatial sizes (a tuple, empty for
-    ``(N, C)``)."""
-    return (batch, channels, size, size) if isinstance(size, int) else (batch, channels, *size)
+# The report's other ranks, as (shape, what follows): two of r3d_18's sites at batch 128 (channels_last_3d or
+# NCDHW), and a BatchNorm1d on (N, C) = (16384, 512) feature vectors (a batch of one chunk would have no loop, and the
+# report could not tell its activation accesses from its per-channel ones).
+RANK_SHAPES = [(site_shape(BATCH, c, size), follows) for c, size, follows, _ in (R3D18_SITES[1], R3D18_SITES[4])] \
+    + [((16384, 512), "relu")]
 
 
 # The configurations the report covers: docs/design.md's primary (bf16 channels_last) and the NCHW ones whose
@@ -283,14 +285,20 @@ CONFIGURATIONS = [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float3
 def site_cases(sites=RESNET50_SITES, configurations=CONFIGURATIONS, batch: int = BATCH) -> list[dict]:
     """One case per (op, mode, site, configuration): a site followed by a ReLU serves batch_norm_relu, one
     followed by the residual add serves batch_norm_add_relu and add_relu."""
+    return shape_cases([(site_shape(batch, channels, size), follows) for channels, size, follows, _ in sites],
+                       configurations)
+
+
+def shape_cases(shapes, configurations=CONFIGURATIONS) -> list[dict]:
+    """``site_cases`` for ``(shape, what follows)`` pairs."""
     cases = []
-    for channels, size, follows, _count in sites:
+    for shape, follows in shapes:
         ops_here = ("batch_norm_relu",) if follows == "relu" else ("batch_norm_add_relu", "add_relu")
         for dtype, channels_last in configurations:
             for op in ops_here:
                 for mode in MODES[op]:
-                    cases.append(dict(op=op, mode=mode, shape=site_shape(batch, channels, size), dtype=dtype,
-                                      channels_last=channels_last, activation="relu"))
+                    cases.append(dict(op=op, mode=mode, shape=tuple(shape), dtype=dtype, channels_last=channels_last,
+                                      activation="relu"))
     return cases
 
 
@@ -405,7 +413,7 @@ def main(argv=None) -> int:
         sys.exit("fusedres.report.kernel_report: compiles for the GPU; run it without TRITON_INTERPRET=1")
     sites = QUICK_SITES if options.quick else RESNET50_SITES
     started = time.time()
-    rows = analyse_cases(site_cases(sites) + activation_cases() + site_cases(RANK_SITES, CONFIGURATIONS[:2]),
+    rows = analyse_cases(site_cases(sites) + activation_cases() + shape_cases(RANK_SHAPES, CONFIGURATIONS[:2]),
                          jobs=options.jobs)
     print(format_table(rows))
     problems = [p for row in rows for p in kernel_limits(row)]
