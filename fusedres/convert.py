@@ -154,23 +154,57 @@ def _recording_reads(module: nn.Module, reads: _Reads):
         module.__class__ = original
 
 
+def _contents(value):
+    """The contents of a plain container (a list, dict or set a trace may change in place), in order, keys and
+    values alike; None for anything else."""
+    if type(value) in (list, set):
+        return list(value)
+    if type(value) is dict:
+        return [entry for item in value.items() for entry in item]
+    return None
+
+
+def _same_contents(before: list, value) -> bool:
+    """Whether the container holds the very objects it held (an unchanged container iterates in the same order)."""
+    now = _contents(value)
+    return len(now) == len(before) and all(a is b for a, b in zip(now, before))
+
+
+def _restore_contents(value, before: list) -> None:
+    value.clear()
+    if type(value) is list:
+        value.extend(before)
+    elif type(value) is set:
+        value.update(before)
+    else:
+        value.update(zip(before[::2], before[1::2]))
+
+
 @contextlib.contextmanager
 def _state_kept(module: nn.Module):
-    """While inside, a trace may set attributes of ``module`` (and of the Sequentials it traces through): a forward
-    that caches what it computes on its first call (torchvision's MultiScaleRoIAlign keeps its scales) would keep
-    values made of Proxies. Afterwards each module's attributes are what they were; the list yielded then holds
-    the names of those the trace set (a forward that sets them cannot be replaced by its trace, which would not)."""
+    """While inside, a trace may set attributes of ``module`` (and of the Sequentials it traces through), or change
+    a list, dict or set it holds: a forward that caches what it computes on its first call (torchvision's
+    MultiScaleRoIAlign keeps its scales) would keep values made of Proxies. Afterwards each module's attributes and
+    their containers' contents are what they were; the list yielded then holds the names of the attributes the
+    trace set or changed (a forward that does so cannot be replaced by its trace, which records neither)."""
     traced = [module] + [m for m in module.modules() if m is not module and _traced_through(m)]
     registries = ("_parameters", "_buffers", "_modules")
-    saved = [(m, dict(m.__dict__), {key: dict(m.__dict__[key]) for key in registries}) for m in traced]
+    saved = [(m, dict(m.__dict__), {key: dict(m.__dict__[key]) for key in registries},
+              {name: (value, _contents(value)) for name, value in m.__dict__.items()
+               if name not in registries and _contents(value) is not None})
+             for m in traced]
     changed: list[str] = []
     try:
         yield changed
     finally:
-        for m, attributes, entries in saved:
+        for m, attributes, entries, containers in saved:
             now = {**m.__dict__, **{name: value for key in registries for name, value in m.__dict__[key].items()}}
             before = {**attributes, **{name: value for key in registries for name, value in entries[key].items()}}
             changed += [name for name, value in now.items() if name not in before or before[name] is not value]
+            for name, (container, contents) in containers.items():
+                if not _same_contents(contents, container):
+                    changed.append(name)
+                    _restore_contents(container, contents)
             m.__dict__.clear()
             m.__dict__.update(attributes)
             for key in registries:

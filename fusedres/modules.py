@@ -236,6 +236,7 @@ class BatchNormAct(nn.Module):
             return fx_leaf(self, (input, residual), {} if activation is None else
                             dict(activation=activation, negative_slope=negative_slope))
         self._check_input_dim(input)
+        input = self._promoted(input)
         name = type(self).__name__
         drop = self._modules.get("drop")
         unfused_activation = False
@@ -271,6 +272,11 @@ class BatchNormAct(nn.Module):
         if unfused_activation:
             return self.act(drop(out) if drop is not None else out)
         return out
+
+    def _promoted(self, input: Tensor) -> Tensor:
+        """The input in the dtype this module computes in: its own (nn.BatchNorm's output has the input's dtype,
+        whatever its parameters')."""
+        return input
 
     def _statistics(self) -> tuple[bool, Tensor | None, Tensor | None, float]:
         """``(use_batch_stats, running_mean, running_var, momentum)`` for this call, as nn.BatchNorm decides them:
@@ -442,6 +448,9 @@ class FrozenBatchNormAct2d(BatchNormAct):
         if input.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected 4D input (got {input.dim()}D input)")
 
+    def _promoted(self, input: Tensor) -> Tensor:
+        return frozen_input(input, self.weight)
+
     def _statistics(self) -> tuple[bool, Tensor | None, Tensor | None, float]:
         return False, self.running_mean, self.running_var, 0.0
 
@@ -456,6 +465,15 @@ class FrozenBatchNormAct2d(BatchNormAct):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def frozen_input(input: Tensor, weight: Tensor) -> Tensor:
+    """The input of a frozen batch-norm in the dtype it computes in. torchvision's and timm's frozen batch-norms
+    compute ``x * scale + bias`` with their buffers, so a half-precision input with fp32 buffers (autocast) gives an
+    fp32 output: the input is cast (exactly) to the promoted dtype. (A cast pass that the kernels could fold into
+    their loads: bench/NOTES.md.)"""
+    dtype = torch.promote_types(input.dtype, weight.dtype)
+    return input if dtype == input.dtype else input.to(dtype)
 
 
 # Classes outside torch.nn that a fused module keeps as a base (``fuse``): (module, name) -> the base kept, and

@@ -14,7 +14,7 @@ from torch import nn
 
 import fusedres
 from tests.helpers import (DEVICE, FULL, MODEL_TOLERANCE, assert_close, assert_within_eager_noise,
-                           fp64_copy, make_input, randomize_batch_norms)
+                           channels_last_style, fp64_copy, make_input, randomize_batch_norms)
 
 try:  # (the frozen batch-norm and the zoo need torchvision; PyTorch's own samples do not)
     import torchvision
@@ -114,6 +114,28 @@ def test_fused_ranks_check_their_input_dim_as_nn_does():
         fusedres.FrozenBatchNormAct2d(4)(make_input((2, 4, 3), torch.float32))
 
 
+@pytest.mark.parametrize("kind,shape", [(nn.BatchNorm1d, (6, 5, 7)), (nn.BatchNorm1d, (9, 5)),
+                                        (nn.BatchNorm3d, (2, 5, 3, 4, 6))], ids=["1d-ncl", "1d-nc", "3d"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_modules_read_every_layout_of_their_rank(kind, shape, training):
+    """Channels-last-style inputs of each rank (a transposed (N, L, C) view, channels_last_3d): eager's values and
+    eager's output strides (contiguous for 2-D and 3-D inputs, channels_last_3d kept)."""
+    relu_class, _ = FUSED_BY_RANK[kind]
+    reference = randomize_batch_norms(kind(shape[1])).double().to(DEVICE).train(training)
+    fused = relu_class(shape[1]).double().to(DEVICE).train(training)
+    fused.load_state_dict(reference.state_dict())
+    x = channels_last_style(make_input(shape, torch.float64)).requires_grad_()
+    x_ref = fp64_copy(x, requires_grad=True)
+    y, y_ref = fused(x), F.relu(reference(x_ref))
+    assert y.stride() == y_ref.stride()
+    assert_close(y, y_ref, "output")
+    grad = make_input(shape, torch.float64, shift=0.0)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert_close(x.grad, x_ref.grad, "grad of input")
+    assert_close(fused.running_mean, reference.running_mean, "running_mean")
+
+
 # --- Frozen batch-norm --------------------------------------------------------------------------------------
 
 def _frozen(channels, act_layer=nn.ReLU, cls=fusedres.FrozenBatchNormAct2d, **kwargs):
@@ -121,40 +143,45 @@ def _frozen(channels, act_layer=nn.ReLU, cls=fusedres.FrozenBatchNormAct2d, **kw
 
 
 @needs_torchvision
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype,buffers", [(torch.float32, "input"), (torch.bfloat16, "float32"),
+                                           (torch.float16, "float32"), (torch.bfloat16, "input"),
+                                           (torch.float64, "input")])
 @pytest.mark.parametrize("activation,act_layer", [("relu", nn.ReLU), ("hardswish", nn.Hardswish),
                                                   ("identity", nn.Identity)])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_frozen_batch_norm_act_matches_torchvisions_arithmetic(dtype, activation, act_layer, residual,
+def test_frozen_batch_norm_act_matches_torchvisions_arithmetic(dtype, buffers, activation, act_layer, residual,
                                                                channels_last):
     """In training mode too: statistics and affine frozen, gradients to the input and the residual only, nothing
     written to the buffers; against torchvision's own FrozenBatchNorm2d (scale = w * (rv + eps).rsqrt(), bias =
-    b - rm * scale) in fp64."""
+    b - rm * scale) in fp64, and with its output dtype: fp32 buffers (autocast's) make a half input's output fp32."""
     fused = _frozen(7, act_layer, eps=1e-3)
-    fused.weight, fused.bias = fused.weight.to(dtype), fused.bias.to(dtype)
-    fused.running_mean, fused.running_var = fused.running_mean.to(dtype), fused.running_var.to(dtype)
+    if buffers == "input":  # a model cast to the input's dtype
+        fused = fused.to(dtype)
     fused.train()
-    reference = FrozenBatchNorm2d(7, eps=1e-3).to(DEVICE).double()
-    reference.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
-    buffers = {k: v.clone() for k, v in fused.state_dict().items()}
+    original = FrozenBatchNorm2d(7, eps=1e-3).to(DEVICE).to(fused.weight.dtype)
+    original.load_state_dict(fused.state_dict())
+    reference = copy.deepcopy(original).double()
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
     x = make_input((3, 7, 5, 6), dtype, channels_last).requires_grad_()
     r = make_input((3, 7, 5, 6), dtype, channels_last).requires_grad_() if residual else None
     y = fused(x, r)
+    with torch.no_grad():
+        assert y.dtype == act_layer()(original(x) + (r if residual else 0)).dtype
     x_ref = fp64_copy(x, requires_grad=True)
     r_ref = fp64_copy(r, requires_grad=True) if residual else None
-    z_ref = reference(x_ref) + (r_ref if residual else 0)
-    y_ref = act_layer()(z_ref)
+    y_ref = act_layer()(reference(x_ref) + (r_ref if residual else 0))
     assert_close(y, y_ref, "output")
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    grad = make_input(y.shape, dtype, channels_last, shift=0.0)
+    grad = make_input(y.shape, y.dtype, channels_last, shift=0.0)
     y.backward(grad)
     y_ref.backward(grad.double())
-    assert_close(x.grad, x_ref.grad, "grad of input")
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, x_ref.grad, "grad of input", dtype=dtype)
     if residual:
-        assert_close(r.grad, r_ref.grad, "grad of residual")
+        assert_close(r.grad, r_ref.grad, "grad of residual", dtype=dtype)
     for name, value in fused.state_dict().items():
-        assert torch.equal(value, buffers[name]) and value.grad is None and not value.requires_grad, name
+        assert torch.equal(value, state[name]) and value.grad is None and not value.requires_grad, name
 
 
 @needs_torchvision
@@ -243,14 +270,13 @@ class _MLP(nn.Module):
     (lambda: nn.Sequential(nn.Conv3d(3, 5, 3), nn.BatchNorm3d(5), nn.Hardswish()), (2, 3, 4, 6, 6),
      dict(batch_norm_act=1)),
 ], ids=["bn1d_relu_mlp", "conv1d_bn1d_silu", "conv3d_bn3d_hardswish"])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_one_and_three_d_sites_convert(make, shape, expected, channels_last):
+def test_one_and_three_d_sites_convert(make, shape, expected):
     torch.manual_seed(0)
     eager = randomize_batch_norms(make()).double().to(DEVICE)
     fused = fusedres.convert(eager)
     counts = {k: len(v) for k, v in fusedres.conversion_report(fused).items() if v and k != "not_analysed"}
     assert counts == expected
-    x = make_input(shape, torch.float64, channels_last)
+    x = make_input(shape, torch.float64)
     g = make_input(copy.deepcopy(eager)(x).shape, torch.float64, shift=0.0)
     fused_step, eager_step = _training_step(fused, x, g), _training_step(eager, x, g)
     for name, value in eager_step.items():

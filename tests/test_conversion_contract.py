@@ -527,3 +527,28 @@ def test_conversion_leaves_no_trace_state_in_modules_that_cache_on_their_first_c
     for _ in range(2):
         assert_close(fused(x), eager(x), "a module that caches on its first call", tolerance=MODEL_TOLERANCE)
     assert fused.channels == eager.channels == 3
+
+
+class _RecordsInPlace(nn.Module):
+    """Keeps what it sees in containers it changes in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.seen, self.last = [], {}
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        self.last["batch"] = x.shape[0]
+        return torch.relu(self.bn(x))
+
+
+def test_conversion_restores_containers_a_traced_forward_changed_in_place():
+    eager = randomize_batch_norms(_RecordsInPlace()).double().to(DEVICE).eval()
+    fused = fusedres.convert(eager)
+    assert fused.seen == [] and fused.last == {}
+    report = fusedres.conversion_report(fused)
+    assert report["batch_norm_relu"] == [] and any("sets self.seen" in text for text in report["not_analysed"])
+    x = make_input((2, 3, 4, 4), torch.float64)
+    assert_close(fused(x), eager(x), "a module that records in place", tolerance=MODEL_TOLERANCE)
+    assert fused.seen == eager.seen == [2] and fused.last == eager.last == {"batch": 2}

@@ -78,11 +78,10 @@ def eager_op(op: str, training: bool, activation: str = "relu") -> Callable:
 
 
 def frozen_batch_norm(x, rm, rv, w, b, eps: float = 1e-5):
-    """torchvision's FrozenBatchNorm2d.forward, for any rank, its per-channel terms in x's dtype (a model cast to
-    half precision has its buffers in it)."""
+    """torchvision's FrozenBatchNorm2d.forward, for any rank (fp32 buffers: a half input's output is fp32)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     scale = w.reshape(shape) * (rv.reshape(shape) + eps).rsqrt()
-    return x * scale.to(x.dtype) + (b.reshape(shape) - rm.reshape(shape) * scale).to(x.dtype)
+    return x * scale + (b.reshape(shape) - rm.reshape(shape) * scale)
 
 
 def fused_op(op: str, training: bool, activation: str = "relu") -> Callable:
@@ -90,8 +89,12 @@ def fused_op(op: str, training: bool, activation: str = "relu") -> Callable:
 
     if op == "add_relu":
         return lambda x, r, rm, rv, w, b: FF.add_act(x, r, activation=activation)
-    training = training and not is_frozen(op)
     residual = op in ("batch_norm_add_relu", "frozen_batch_norm_add_relu")
+    if is_frozen(op):  # what FrozenBatchNormAct2d runs: the eval-mode op, in the promoted dtype as torchvision's
+        from fusedres.modules import frozen_input
+
+        return lambda x, r, rm, rv, w, b: FF.batch_norm_act(frozen_input(x, w), rm, rv, w, b, False,
+                                                            residual=r if residual else None, activation=activation)
     return lambda x, r, rm, rv, w, b: FF.batch_norm_act(x, rm, rv, w, b, training, residual=r if residual else None,
                                                         activation=activation)
 
