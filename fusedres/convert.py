@@ -48,8 +48,9 @@ from torch import nn
 from .blocks import FUSED_SEED_CLASSES
 from .activations import FUNCTIONS, METHODS, describe_activation
 from .converted import ActivationFusedAway, ConvertedForward, fuse_activation_module, fused_class, fused_site
+from .memory import save_memory as switch_memory_saving
 from .modules import (BATCH_NORM_ACT, BATCH_NORM_ADD_ACT, BATCH_NORM_ADD_RELU, BATCH_NORM_RELU, BatchNormAct,
-                      SyncBatchNormAct2d, class_key, fused_class_for, is_frozen_batch_norm, site_pattern)
+                      SyncBatchNormAct2d, class_key, fused_class_for, is_frozen_batch_norm, own_hooks, site_pattern)
 
 __all__ = ["convert", "revert", "conversion_report", "convert_sync_batchnorm"]
 
@@ -264,7 +265,7 @@ def _sole_user(node: fx.Node):
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    return own_hooks(module)
 
 
 def _module_calls(graph: fx.Graph) -> dict[str, int]:
@@ -491,14 +492,16 @@ def _is_candidate(module: nn.Module) -> bool:
     return getattr(kind.forward, "__name__", "") != "_forward_unimplemented"
 
 
-def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = False, save_memory: bool = False) -> nn.Module:
     """Run every batch-norm + activation and batch-norm + add (+ activation) site of ``model`` on fusedres's fused
     ops.
 
     ``inplace=False`` converts a deep copy and leaves ``model`` untouched; ``inplace=True`` converts ``model``
     itself, keeping its Parameter and buffer objects. Mode, device, dtype, memory format, ``requires_grad`` and
-    the state_dict are kept. Returns the converted model; ``conversion_report`` tells what was fused and what
-    could not be analysed. Convert before wrapping in DistributedDataParallel."""
+    the state_dict are kept. ``save_memory=True``: in training, the outputs of the sites without a residual are
+    recomputed in the backward instead of being kept (``fusedres.memory``; ``fusedres.save_memory(model, enabled)``
+    switches it later). Returns the converted model; ``conversion_report`` tells what was fused and what could not
+    be analysed. Convert before wrapping in DistributedDataParallel."""
     _refuse_wrappers("convert", model)
     if not inplace:
         model = _copy(model)
@@ -519,6 +522,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     order = {name: index for index, (name, _) in enumerate(modules)}
     model.__dict__["_fusedres_not_analysed"] = [text for name, text in sorted(not_analysed,
                                                                              key=lambda e: order[e[0]])]
+    if save_memory:
+        switch_memory_saving(model, True)
     return model
 
 
@@ -555,6 +560,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if isinstance(child, ActivationFusedAway):
                 module._modules[child_name] = child.__dict__["activation_module"]
     model.__dict__.pop("_fusedres_not_analysed", None)
+    switch_memory_saving(model, False)
     return model
 
 

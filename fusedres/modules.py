@@ -77,8 +77,12 @@ def hooks_active(*modules: nn.Module | None) -> bool:
 
 
 def own_hooks(module: nn.Module | None) -> bool:
-    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                                       or module._backward_pre_hooks)
+    """Whether ``module`` has hooks of its own (fusedres's own, ``fusedres.memory``'s switch, do not count)."""
+    if module is None:
+        return False
+    return any(not getattr(hook, "_fusedres_internal", False)
+               for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                             module._backward_pre_hooks) for hook in hooks.values())
 
 
 def tracing(*args) -> bool:

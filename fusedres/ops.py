@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import memory
 from .activations import DERIVATIVE_FROM_OUTPUT, eager_activation
 from .kernels import INTERPRETING, recording_only
 from .kernels import add_act as add_act_launchers
@@ -177,6 +178,7 @@ _batch_norm_act = torch.library.custom_op("fusedres::batch_norm_act", run_batch_
 
 @_batch_norm_act.register_fake
 def _(input, residual, weight, bias, mean, var, training, eps, activation, negative_slope):
+    memory.refuse_under_compile("batch_norm_act")
     return torch.empty_like(dense(input), dtype=_result_dtype(input, residual))
 
 
@@ -424,8 +426,11 @@ def dispatch_batch_norm_act(input: Tensor, residual: Optional[Tensor], running_m
                                                          num_batches_tracked)
     else:
         mean, var = running_mean, running_var
-    return torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, mean, var, training, eps, activation,
-                                             float(negative_slope))
+    output = torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, mean, var, training, eps, activation,
+                                               float(negative_slope))
+    if training and residual is None:
+        memory.mark_recomputable(output, input, weight, bias, mean, var, eps, activation, float(negative_slope))
+    return output
 
 
 def dispatch_add_act(input: Tensor, residual: Tensor, activation: str = "relu",

@@ -106,7 +106,7 @@ def module_worker(rank: int, world: int, device: torch.device, sizes: list[int],
     assert torch.equal(module.running_mean, running[0]) and torch.equal(module.running_var, running[1])
 
 
-def ddp_worker(rank: int, world: int, device: torch.device, synchronized: bool) -> None:
+def ddp_worker(rank: int, world: int, device: torch.device, synchronized: bool, save_memory: bool = False) -> None:
     """One DistributedDataParallel training step of a converted torchvision resnet18 (fp64, each rank half of a
     batch of 4). ``synchronized``: after fusedres.convert_sync_batchnorm, against single-process eager on the whole
     batch; otherwise against the eager model under DDP on the same shards (per-rank statistics)."""
@@ -118,7 +118,7 @@ def ddp_worker(rank: int, world: int, device: torch.device, synchronized: bool) 
                                   torch.Generator().manual_seed(0))
     reference = torchvision.models.resnet18(num_classes=10).double()
     reference.load_state_dict(eager.state_dict())
-    fused = fusedres.convert(eager)
+    fused = fusedres.convert(eager, save_memory=save_memory)  # (save_memory: the outputs recomputed, bitwise)
     if synchronized:
         fusedres.convert_sync_batchnorm(fused)
         assert all(type(m) is fusedres.SyncBatchNormAct2d for m in fused.modules() if isinstance(m, nn.BatchNorm2d))
@@ -128,7 +128,14 @@ def ddp_worker(rank: int, world: int, device: torch.device, synchronized: bool) 
     full = torch.randn(2 * world, 3, 32, 32, generator=generator, dtype=torch.float64)
     target = torch.randn(2 * world, 10, generator=generator, dtype=torch.float64)
     shard = slice(2 * rank, 2 * rank + 2)
+    recomputed = []
+    if save_memory:  # the synchronized sites' outputs are recomputed in the backward
+        from fusedres.memory import Recompute
+
+        original = Recompute.recompute
+        Recompute.recompute = lambda self, version: recomputed.append(1) or original(self, version)
     (model(full[shard].to(device)) * target[shard].to(device)).sum().backward()
+    assert bool(recomputed) == save_memory, f"rank {rank}: {len(recomputed)} outputs recomputed"
     if synchronized:
         (reference(full) * target).sum().backward()  # a sum over the batch: the ranks' gradients add up to it
         scale = world  # DDP averages the ranks' gradients

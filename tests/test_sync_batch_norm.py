@@ -28,12 +28,13 @@ def test_sync_batch_norm_act_matches_eager_on_the_concatenated_batch(world, size
     run_ranks(module_worker, world, "gloo", sizes, dtype, activation, residual, momentum, use_kernels)
 
 
-@pytest.mark.parametrize("synchronized", [True, False], ids=["convert_sync_batchnorm", "per-rank-statistics"])
+@pytest.mark.parametrize("synchronized,save_memory", [(True, False), (False, False), (True, True)],
+                         ids=["convert_sync_batchnorm", "per-rank-statistics", "convert_sync_batchnorm-save_memory"])
 @FULL
-def test_ddp_training_step_of_a_converted_resnet18(synchronized):
+def test_ddp_training_step_of_a_converted_resnet18(synchronized, save_memory):
     """(--full: two spawned processes training resnet18 in the interpreter, 12-22 s.)"""
     pytest.importorskip("torchvision")
-    run_ranks(ddp_worker, 2, "gloo", synchronized)
+    run_ranks(ddp_worker, 2, "gloo", synchronized, save_memory)
 
 
 def test_without_a_process_group_it_is_a_batch_norm_act():
