@@ -79,11 +79,16 @@ def test_blocks_models_and_numerics_quick_cpu_run(tmp_path):
             ("model", "torchvision.resnet18", "inference"), ("model", "torchvision.resnet18", "train_step"),
             ("numerics", "seed.SmallResNet on digits", "train 2 steps")} <= levels
     for row in rows:
-        if row["provider"] == "fusedres":
+        if row["provider"] in ("fusedres", "fusedres (save_memory)"):
             assert row["ms"] is None and row["max_abs_error"] is not None
             assert row["max_abs_error"] < (1e-2 if row["level"] != "numerics" else 1e-1), row
         elif row["level"] != "numerics":
             assert row["ms"] > 0 and row["gbps"] is None, "GB/s is defined for ops only"
+    # the models suite's training step: what the forward keeps, measured for every provider
+    kept = {r["provider"]: r["retained_mb"] for r in rows if r["level"] == "model" and r["mode"] == "train_step"}
+    assert set(kept) == {"eager", "fusedres", "fusedres (save_memory)"} and all(v > 0 for v in kept.values())
+    assert kept["fusedres (save_memory)"] < 0.8 * kept["fusedres"] <= kept["eager"]
+    assert "save_memory kept MB" in (tmp_path / "summary.md").read_text()
     numerics = json.loads((tmp_path / "numerics.json").read_text())
     assert set(numerics["losses"]) == {"eager", "fusedres", "eager float64"}
     assert len(numerics["losses"]["fusedres"]) == 2

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from .cases import no_grad_call
-from .runner import (INTERPRETER_NOTE, Settings, dtype_name, fresh_compile, max_error, measure_cpu, measure_gpu,
-                     rows_of_cases)
+from .memory_use import retained_bytes
+from .runner import (INTERPRETER_NOTE, SAVE_MEMORY, Settings, dtype_name, fresh_compile, max_error, measure_cpu,
+                     measure_gpu, rows_of_cases)
 
 
 def _seed(name, *args):
@@ -52,8 +53,8 @@ def _autocast(settings: Settings, dtype):
     return contextlib.nullcontext()
 
 
-def _providers(module: torch.nn.Module, settings: Settings):
-    """(provider, module) pairs sharing the initial weights."""
+def _providers(module: torch.nn.Module, settings: Settings, with_save_memory: bool = False):
+    """(provider, module) pairs sharing the initial weights (``SAVE_MEMORY``, the models suite's, when asked)."""
     import fusedres
 
     for provider in settings.providers:
@@ -63,6 +64,8 @@ def _providers(module: torch.nn.Module, settings: Settings):
             yield provider, fresh_compile(copy.deepcopy(module))
         elif provider == "fusedres":
             yield provider, fusedres.convert(module)
+        elif provider == SAVE_MEMORY and with_save_memory:
+            yield provider, fusedres.convert(module, save_memory=True)
 
 
 def _prepare(module, settings: Settings, layout: str, training: bool, dtype=torch.float32):
@@ -188,18 +191,22 @@ def _model_rows(base, make, shape, mode, dtype, layout, settings) -> list[dict]:
     training = mode == "train_step"
     labels = torch.randint(0, 1000, (shape[0],), generator=torch.Generator().manual_seed(0)).to(settings.device)
     rows = []
-    for provider, candidate in _providers(model, settings):
+    for provider, candidate in _providers(model, settings, with_save_memory=True):
         candidate = _prepare(candidate, settings, layout, training)
         optimizer = torch.optim.SGD(candidate.parameters(), lr=1e-4)
-        step = _model_step(candidate, _input(shape, settings, layout, False), labels, mode,
-                           _autocast(settings, dtype), optimizer)
+        x = _input(shape, settings, layout, False)
+        step = _model_step(candidate, x, labels, mode, _autocast(settings, dtype), optimizer)
         row = dict(base, provider=provider)
+        if training and provider != "compile":  # what a training forward keeps for its backward, measured
+            with _autocast(settings, dtype):
+                row["retained_mb"] = retained_bytes(candidate, x) / 2**20
+            candidate.zero_grad(set_to_none=True)
         if settings.on_gpu:
             row = measure_gpu(row, lambda seed, s=step: s, settings, compiled=provider == "compile",
                               input_bytes=None)
             if row.get("ms"):
                 row["images_per_s"] = shape[0] / (row["ms"] * 1e-3)
-        elif provider == "fusedres":
+        elif provider in ("fusedres", SAVE_MEMORY):
             row.update(timer="interpreter (not timed)", note=INTERPRETER_NOTE)
         else:
             row = measure_cpu(row, step, settings)
@@ -223,7 +230,8 @@ def _model_errors(rows, model, shape, labels, mode, layout, dtype, settings) -> 
                            optimizer)()
 
     expected = first_result(copy.deepcopy(model), torch.float64, contextlib.nullcontext())
-    candidates = {"eager": copy.deepcopy(model), "fusedres": fusedres.convert(model)}
+    candidates = {"eager": copy.deepcopy(model), "fusedres": fusedres.convert(model),
+                  SAVE_MEMORY: fusedres.convert(model, save_memory=True)}
     for row in rows:
         if row["provider"] in candidates:
             row["max_abs_error"] = max_error(first_result(candidates[row["provider"]], torch.float32,

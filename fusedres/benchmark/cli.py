@@ -21,7 +21,7 @@ import time
 from typing import Iterable
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-PROVIDERS = ("eager", "compile", "fusedres")
+PROVIDERS = ("eager", "compile", "fusedres", "save_memory")  # save_memory: the models suite's "fusedres (save_memory)"
 SUITES = ("ops", "blocks", "models", "numerics", "kernels")
 
 
@@ -115,7 +115,9 @@ def main(argv=None) -> int:
     from .runner import Settings
 
     suites = _choose("suite", options.suite, SUITES)
-    providers = _choose("providers", options.providers, PROVIDERS)
+    from .runner import SAVE_MEMORY
+
+    providers = [SAVE_MEMORY if p == "save_memory" else p for p in _choose("providers", options.providers, PROVIDERS)]
     if not on_gpu:
         providers = [p for p in providers if p != "compile"]  # inductor on a CPU says nothing about GPUs
     device = torch.device("cuda" if on_gpu else "cpu")

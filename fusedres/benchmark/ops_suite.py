@@ -57,7 +57,7 @@ def _gpu_rows(base, spec, settings: Settings) -> list[dict]:
     op, mode, shape, dtype, _ = spec
     training = mode != "inference"
     rows = []
-    for provider in settings.providers:
+    for provider in (p for p in settings.providers if p in ("eager", "compile", "fusedres")):
         if provider == "fusedres":
             fn = fused_op(op, training, settings.activation)
         else:

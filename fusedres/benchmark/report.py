@@ -9,6 +9,8 @@ import os
 import pathlib
 from typing import Callable
 
+from .runner import SAVE_MEMORY
+
 # The kernels suite's fields (rows of level "kernel"): the model's prediction (source "prediction"), and on a GPU
 # the measured time over the time predicted at the measured copy bandwidth.
 KERNEL_FIELDS = ["source", "launches", "kernels", "num_warps", "registers", "occupancy", "local_bytes", "load_bits",
@@ -17,7 +19,7 @@ KERNEL_FIELDS = ["source", "launches", "kernels", "num_warps", "registers", "occ
                  "measured_over_predicted"]
 ROW_FIELDS = ["level", "op", "mode", "shape", "dtype", "layout", "provider", "ms", "ms_p20", "ms_p80", "timer",
               "floor_bytes", "gbps", "pct_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "images_per_s",
-              "peak_mem_mb", "compile_s", "max_abs_error", *KERNEL_FIELDS, "note"]
+              "peak_mem_mb", "retained_mb", "compile_s", "max_abs_error", *KERNEL_FIELDS, "note"]
 ENV_FIELDS = ["device", "driver", "cuda", "torch", "triton", "cudnn", "fusedres", "git_commit", "python", "date"]
 
 
@@ -120,10 +122,17 @@ TIMING_COLUMNS = [
     ("x eager", _of_provider("fusedres", "speedup_vs_eager", ".2f")),
     ("x compile", _of_provider("fusedres", "speedup_vs_compile", ".2f")),
     ("fusedres img/s", _of_provider("fusedres", "images_per_s", ".0f")),
+    ("save_memory ms", _of_provider(SAVE_MEMORY, "ms", ".3f")),
     ("eager MB", _of_provider("eager", "peak_mem_mb", ".0f")),
     ("fusedres MB", _of_provider("fusedres", "peak_mem_mb", ".0f")),
+    ("save_memory MB", _of_provider(SAVE_MEMORY, "peak_mem_mb", ".0f")),
+    # what a training forward keeps for the backward (measured from the allocator; activations, not parameters)
+    ("eager kept MB", _of_provider("eager", "retained_mb", ".2f")),
+    ("fusedres kept MB", _of_provider("fusedres", "retained_mb", ".2f")),
+    ("save_memory kept MB", _of_provider(SAVE_MEMORY, "retained_mb", ".2f")),
     ("eager max err", _of_provider("eager", "max_abs_error", ".2e")),
     ("fusedres max err", _of_provider("fusedres", "max_abs_error", ".2e")),
+    ("save_memory max err", _of_provider(SAVE_MEMORY, "max_abs_error", ".2e")),
 ]
 KERNEL_COLUMNS = [
     *((heading, _of_row(heading)) for heading in CASE_COLUMNS[1:]),

@@ -11,6 +11,11 @@ import torch
 from .timing import copies_needed, cpu_time, gpu_time, rotating
 
 
+# The models suite's provider converted with save_memory=True (fusedres.memory); the other suites have no such
+# provider (their ops keep nothing for long).
+SAVE_MEMORY = "fusedres (save_memory)"
+
+
 @dataclass
 class Settings:
     device: torch.device
