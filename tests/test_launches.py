@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fusedres
 import fusedres.functional as FF
 from fusedres.report import kernel_report
 from fusedres.kernels import recorded_launches
@@ -23,7 +24,7 @@ def _public_call(op: str, mode: str, channels_last: bool):
     x = make_input(SHAPE, torch.bfloat16, channels_last)
     r = make_input(SHAPE, torch.bfloat16, channels_last)
     rm, rv, w, b = make_params(SHAPE[1], torch.float32)
-    training = mode in ("train_forward", "train_backward")
+    training = mode in ("train_forward", "train_backward", "recompute")
     backward = mode.endswith("backward")
     leaves = [t.requires_grad_() for t in (x, r, w, b)] if backward else []
 
@@ -34,6 +35,15 @@ def _public_call(op: str, mode: str, channels_last: bool):
             return FF.batch_norm_relu(x, rm, rv, w, b, training)
         return FF.batch_norm_add_relu(x, r, rm, rv, w, b, training)
 
+    if mode == "recompute":  # save_memory: a consumer saved the output; its backward has it recomputed
+        w.requires_grad_()
+        with fusedres.saving_memory():
+            y = forward()
+            consumer = torch.ones_like(y, dtype=torch.float32, requires_grad=True)
+            z = y * consumer  # saves y for the consumer's gradient
+        with recorded_launches(run=True) as launches:
+            torch.autograd.grad(z, [consumer], torch.ones_like(z))
+        return launches
     if not backward:
         with torch.no_grad(), recorded_launches(run=True) as launches:
             forward()

@@ -49,7 +49,8 @@ _ADD_REPORT_MODES = {"inference": ("forward",), "train_forward": ("forward",), "
 _FROZEN_REPORT_MODES = {"inference": ("inference",), "train_forward": ("inference",), "backward": ("eval_backward",),
                         "forward_backward": ("inference", "eval_backward")}
 TIMED_MODE = {"inference": "inference", "train_forward": "train_forward", "train_backward": "backward",
-              "eval_backward": "backward", "forward": "inference", "backward": "backward"}
+              "eval_backward": "backward", "forward": "inference", "backward": "backward",
+              "recompute": "inference"}  # (save_memory's recomputation: the inference launch, batch statistics)
 
 
 def floor_bytes(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, activation: str = "relu") -> int:

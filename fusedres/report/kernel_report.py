@@ -26,7 +26,9 @@ from .. import ops
 from ..kernels import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, INTERPRETING, recorded_launches
 
 EPS = 1e-5
-MODES = {"batch_norm_relu": ("inference", "train_forward", "train_backward", "eval_backward"),
+# "recompute": what save_memory adds to a site without a residual (fusedres.memory): its output recomputed in the
+# backward, one launch of the normalize kernel with the batch statistics.
+MODES = {"batch_norm_relu": ("inference", "train_forward", "train_backward", "eval_backward", "recompute"),
          "batch_norm_add_relu": ("inference", "train_forward", "train_backward", "eval_backward"),
          "add_relu": ("forward", "backward")}
 OP_MODES = [(op, mode) for op, modes in MODES.items() for mode in modes]
@@ -35,6 +37,7 @@ OP_MODES = [(op, mode) for op, modes in MODES.items() for mode in modes]
 FLOOR_ELEMENT_BYTES = {
     ("batch_norm_relu", "inference"): 2, ("batch_norm_relu", "train_forward"): 3,
     ("batch_norm_relu", "train_backward"): 5, ("batch_norm_relu", "eval_backward"): 3,
+    ("batch_norm_relu", "recompute"): 2,
     ("batch_norm_add_relu", "inference"): 3, ("batch_norm_add_relu", "train_forward"): 4,
     ("batch_norm_add_relu", "train_backward"): 7, ("batch_norm_add_relu", "eval_backward"): 5,
     ("add_relu", "forward"): 3, ("add_relu", "backward"): 3,
@@ -42,13 +45,14 @@ FLOOR_ELEMENT_BYTES = {
 EAGER_ELEMENT_BYTES = {
     ("batch_norm_relu", "inference"): 4, ("batch_norm_relu", "train_forward"): 5,
     ("batch_norm_relu", "train_backward"): 8, ("batch_norm_relu", "eval_backward"): 6,
+    ("batch_norm_relu", "recompute"): 0,  # eager keeps the output instead
     ("batch_norm_add_relu", "inference"): 7, ("batch_norm_add_relu", "train_forward"): 8,
     ("batch_norm_add_relu", "train_backward"): 8, ("batch_norm_add_relu", "eval_backward"): 6,
     ("add_relu", "forward"): 5, ("add_relu", "backward"): 3,
 }
 # What the kernels are held to (issue: two launches per training pass, one otherwise).
 EXPECTED_LAUNCHES = {"inference": 1, "train_forward": 2, "train_backward": 2, "eval_backward": 1, "forward": 1,
-                     "backward": 1}
+                     "backward": 1, "recompute": 1}
 
 
 def floor_element_bytes(op: str, mode: str, activation: str = "relu") -> int:
@@ -105,11 +109,12 @@ def _pre_activation(op: str, activation: str, t: OpTensors, state: dict) -> dict
 
 
 def _forward_state(op: str, mode: str, t: OpTensors, activation: str) -> dict:
-    """What a backward needs from its forward (the saved output and the statistics the forward used)."""
+    """What a backward (or save_memory's recomputation) needs from its forward (the saved output and the statistics
+    the forward used)."""
     if op == "add_relu":
         return dict(y=ops.run_add_act(t.x, t.residual, activation, 0.01))
     residual = t.residual if op == "batch_norm_add_relu" else None
-    training = mode == "train_backward"
+    training = mode in ("train_backward", "recompute")
     if training:
         mean, var = ops.run_batch_norm_stats(t.x, None, None, 0.1, None)
     else:
@@ -136,12 +141,19 @@ def _launch_op(op: str, mode: str, t: OpTensors, state: dict | None, activation:
     elif mode == "train_forward":
         mean, var = ops.run_batch_norm_stats(t.x, t.running_mean, t.running_var, 0.1, None)
         ops.run_batch_norm_act(t.x, residual, t.weight, t.bias, mean, var, True, EPS, activation, 0.01)
+    elif mode == "recompute":  # (fusedres.memory.Recompute's launch)
+        ops.run_batch_norm_act(t.x, None, t.weight, t.bias, state["mean"], state["var"], True, EPS, activation, 0.01)
     else:
         pre = _pre_activation(op, activation, t, state)
         ops.run_batch_norm_act_backward(t.grad, t.x, pre["residual"], pre["output"], t.weight, t.bias,
                                             state["mean"], state["var"], mode == "train_backward", EPS, activation,
                                             0.01, [True, residual is not None and activation != "identity", True,
                                                    True])
+
+
+def _needs_forward(mode: str) -> bool:
+    """Whether the mode's launches need their forward's state (saved output, batch statistics)."""
+    return mode.endswith("backward") or mode == "recompute"
 
 
 def _check_op_mode(op: str, mode: str) -> None:
@@ -155,7 +167,7 @@ def record(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bool, a
     _check_op_mode(op, mode)
     t = make_tensors(shape, dtype, channels_last, "meta")
     with recorded_launches():
-        state = _forward_state(op, mode, t, activation) if mode.endswith("backward") else None
+        state = _forward_state(op, mode, t, activation) if _needs_forward(mode) else None
     with recorded_launches() as launches:
         _launch_op(op, mode, t, state, activation)
     return launches
@@ -229,7 +241,7 @@ def count_bytes(op: str, mode: str, shape, dtype: torch.dtype, channels_last: bo
     _check_op_mode(op, mode)
     torch.manual_seed(seed)
     t = make_tensors(shape, dtype, channels_last, "cpu")
-    state = _forward_state(op, mode, t, activation) if mode.endswith("backward") else None
+    state = _forward_state(op, mode, t, activation) if _needs_forward(mode) else None
     with recorded_launches(run=True) as launches, _interpreted_accesses(launches) as accesses:
         _launch_op(op, mode, t, state, activation)
     return [LaunchBytes(kernel.fn.__name__,
