@@ -51,7 +51,7 @@ def _module_info_samples():
     return samples
 
 
-@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("activation", ["relu", pytest.param("silu", marks=FULL)])  # (--full: the samples again)
 @pytest.mark.parametrize("sample", _module_info_samples())
 def test_pytorch_module_info_samples_match_eager(sample, activation):
     """The fused module built with nn.BatchNorm*d's constructor arguments: its state_dict, and over two steps (the
@@ -146,8 +146,9 @@ def _frozen(channels, act_layer=nn.ReLU, cls=fusedres.FrozenBatchNormAct2d, **kw
 @pytest.mark.parametrize("dtype,buffers", [(torch.float32, "input"), (torch.bfloat16, "float32"),
                                            (torch.float16, "float32"), (torch.bfloat16, "input"),
                                            (torch.float64, "input")])
-@pytest.mark.parametrize("activation,act_layer", [("relu", nn.ReLU), ("hardswish", nn.Hardswish),
-                                                  ("identity", nn.Identity)])
+@pytest.mark.parametrize("activation,act_layer", [("relu", nn.ReLU),  # (--full: the other activations)
+                                                  pytest.param("hardswish", nn.Hardswish, marks=FULL),
+                                                  pytest.param("identity", nn.Identity, marks=FULL)])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_frozen_batch_norm_act_matches_torchvisions_arithmetic(dtype, buffers, activation, act_layer, residual,
