@@ -103,7 +103,6 @@ class _SyncBatchNormAct(torch.autograd.Function):
         ops.batch_norm_act_setup_context(ctx, (x, residual, weight, bias, mean, var, True, eps, activation,
                                                 negative_slope), y)
         ctx.count, ctx.process_group = count, process_group
-        ctx.statistics = (mean, var)  # (the group's: what save_memory's recomputation normalizes with)
         ctx.mark_non_differentiable(*(t for t in (running_mean, running_var) if t is not None))
         return y
 
@@ -159,7 +158,6 @@ def sync_batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean:
                                           activation, negative_slope, num_batches_tracked, process_group)
     output = _SyncBatchNormAct.apply(input, residual, weight, bias, running_mean, running_var, momentum, eps,
                                      activation, float(negative_slope), num_batches_tracked, process_group)
-    if residual is None and output.grad_fn is not None:
-        memory.mark_recomputable(output, input, weight, bias, *output.grad_fn.statistics, eps, activation,
-                                 float(negative_slope))
+    if residual is None:
+        memory.mark_recomputable(output)
     return output

@@ -8,18 +8,20 @@ marks its output with a ``Recompute`` (``mark_recomputable``), and saved-tensor 
 very tensor (by identity, not address) by the ``Recompute``, which the backward unpacks into a recomputed output.
 Nothing holds the output itself from forward to backward.
 
-Exactness: the recomputation is the forward's own kernel launch on the same tensors, so its output is bitwise the
-forward's; it never touches the running statistics. What autograd would catch is caught: the output changed in
-place after a consumer saved it, or an input of the recomputation (the site's input, statistics, weight, bias)
-changed in place before the backward, raise autograd's error; an output changed in place before a consumer saved it
-is saved as it is (not recomputed). Under torch.compile, refused with a clear error.
+Exactness: the recomputation is the forward's own kernel launch on the same tensors (read from the site's autograd
+node, so that a chain of sites recomputes in turn and nothing else holds them), so its output is bitwise the
+forward's; it never touches the running statistics. Saved-tensor hooks turn off autograd's own version check of
+what they unpack, so every tensor saved here is checked as autograd checks it: one changed in place between the
+forward and the backward raises autograd's error (the output too: a version-counter alias sees its changes after it
+is gone); an output changed in place before a consumer saved it is saved as it is. Inside another saved-tensor
+mechanism (a checkpoint of the whole model, ``save_on_cpu``) the outer one decides what is kept: memory saving
+stands aside. Under torch.compile, refused with a clear error.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 import weakref
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +62,9 @@ def saving_memory():
     recording, are recomputed in the backward instead of being kept by their consumers. Only the forward need run
     inside; the backward may run anywhere."""
     _refuse_compiling()
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        yield  # another mechanism's hooks (checkpoint, save_on_cpu) would be overridden by ours: they decide
+        return
     _state.depth = getattr(_state, "depth", 0) + 1
     try:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
@@ -69,45 +74,44 @@ def saving_memory():
 
 
 class Recompute:
-    """How to recompute one site's output: the forward's launch again, on the tensors it used. Holds those tensors
-    (which the site's own backward keeps anyway) and their versions, and the output only weakly."""
+    """How to recompute one site's output: the forward's launch again, on the tensors the site's autograd node saved
+    (its input, weight, bias and batch statistics; unpacked through these hooks, so each is checked, and an input
+    that is itself a recomputed output is recomputed first). Holds the node (which the output holds anyway) and
+    the output only weakly, with an alias of its version counter."""
 
-    __slots__ = ("inputs", "versions", "eps", "activation", "negative_slope", "output", "output_version",
-                 "output_counter", "cache", "__weakref__")
+    __slots__ = ("node", "output", "output_version", "output_counter", "cache", "cache_version", "__weakref__")
 
-    def __init__(self, output: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                 var: Tensor, eps: float, activation: str, negative_slope: float):
-        self.inputs = (input, weight, bias, mean, var)
-        self.versions = tuple(None if t is None else t._version for t in self.inputs)
-        self.eps, self.activation, self.negative_slope = eps, activation, negative_slope
+    def __init__(self, output: Tensor, node):
+        self.node = node
         self.output = weakref.ref(output)
         self.output_version = output._version
         self.output_counter = _version_counter(output)
         self.cache = None
+        self.cache_version = None
 
     def recompute(self, saved_version: int) -> Tensor:
-        if self.output_counter._version != saved_version:
-            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
-                               f"operation: the output of a fused batch-norm site (fusedres save_memory recomputes "
-                               f"it in the backward) is at version {self.output_counter._version}; expected version "
-                               f"{saved_version} instead.")
-        for name, t, version in zip(("input", "weight", "bias", "mean", "var"), self.inputs, self.versions):
-            if t is not None and t._version != version:
-                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                                   f"inplace operation: the {name} of a fused batch-norm site, from which fusedres "
-                                   f"save_memory recomputes its output in the backward, is at version "
-                                   f"{t._version}; expected version {version} instead.")
+        _check_version("the output of a fused batch-norm site (fusedres save_memory recomputes it in the backward)",
+                       self.output_counter._version, saved_version)
         cached = None if self.cache is None else self.cache()
-        if cached is not None:
-            return cached
+        if cached is not None and cached._version == self.cache_version:
+            return cached  # (several consumers unpacking it at once)
         from . import ops
 
-        input, weight, bias, mean, var = self.inputs
+        node = self.node
+        input, _, weight, bias, mean, var = node.saved_tensors
         with torch.no_grad():
-            result = ops.run_batch_norm_act(input, None, weight, bias, mean, var, True, self.eps, self.activation,
-                                            self.negative_slope)
-        self.cache = weakref.ref(result)
+            result = ops.run_batch_norm_act(input, None, weight, bias, mean, var, True, node.eps, node.activation,
+                                            node.negative_slope)
+        self.cache, self.cache_version = weakref.ref(result), result._version
         return result
+
+
+def _check_version(what: str, version: int, saved_version: int) -> None:
+    """Autograd's check of a saved tensor, which saved-tensor hooks turn off for what they unpack."""
+    if version != saved_version:
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: {what} is at version {version}; expected version {saved_version} instead. "
+                           f"(fusedres save_memory checks the tensors it packs as autograd does.)")
 
 
 def _version_counter(t: Tensor) -> Tensor:
@@ -119,27 +123,36 @@ def _version_counter(t: Tensor) -> Tensor:
     return counter
 
 
-def mark_recomputable(output: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                      var: Tensor, eps: float, activation: str, negative_slope: float) -> None:
-    """Mark a fused site's output (no residual, batch statistics ``mean``, ``var``) for recomputation, when memory
-    is being saved and autograd records it."""
-    if is_saving_memory() and torch.is_grad_enabled() and output.requires_grad:
-        setattr(output, _ATTRIBUTE, Recompute(output, input.detach(), weight, bias, mean, var, eps, activation,
-                                              negative_slope))
+def mark_recomputable(output: Tensor) -> None:
+    """Mark a fused site's output (no residual, batch statistics) for recomputation, when memory is being saved
+    and autograd records it. Its autograd node must be the site's: ``batch_norm_act_setup_context``'s saved tensors
+    (input, pre-activation source, weight, bias, mean, var) and ``eps``, ``activation``, ``negative_slope``."""
+    if is_saving_memory() and torch.is_grad_enabled() and output.requires_grad and output.grad_fn is not None \
+            and _ours_are_innermost():
+        setattr(output, _ATTRIBUTE, Recompute(output, output.grad_fn))
+
+
+def _ours_are_innermost() -> bool:
+    """Whether our hooks pack what is saved now (inside a checkpointed segment the checkpoint's do: the site's node
+    is then the checkpoint's to unpack, once)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and top[0] is _pack
 
 
 def _pack(t: Tensor):
     recompute = getattr(t, _ATTRIBUTE, None)
-    if recompute is None or recompute.output() is not t or t._version != recompute.output_version:
-        return t  # not a marked output, or changed in place since the site made it: saved as it is
-    return recompute, t._version
+    if recompute is not None and recompute.output() is t and t._version == recompute.output_version:
+        return recompute, t._version
+    return t, t._version  # (not a marked output, or changed in place since the site made it: saved as it is)
 
 
 def _unpack(packed):
-    if type(packed) is tuple:
-        recompute, version = packed
-        return recompute.recompute(version)
-    return packed
+    saved, version = packed
+    if isinstance(saved, Recompute):
+        return saved.recompute(version)
+    _check_version(f"a {saved.dtype} tensor of shape {tuple(saved.shape)} saved for the backward", saved._version,
+                   version)
+    return saved
 
 
 # --- The switch on a model -----------------------------------------------------------------------------------
@@ -148,14 +161,15 @@ def _enter(module, args):
     """Forward pre-hook of a model saving memory (``save_memory``)."""
     context = saving_memory()
     context.__enter__()
-    _state.__dict__.setdefault("contexts", []).append(context)
+    _state.__dict__.setdefault("contexts", []).append((module, context))
 
 
 def _exit(module, args, output):
-    """Forward hook (also called when the forward raises) of a model saving memory."""
+    """Forward hook (also called when the forward raises) of a model saving memory: leaves this module's context
+    (none if its pre-hook did not get to enter one)."""
     contexts = _state.__dict__.get("contexts")
-    if contexts:
-        contexts.pop().__exit__(None, None, None)
+    if contexts and contexts[-1][0] is module:
+        contexts.pop()[1].__exit__(None, None, None)
 
 
 # fusedres's own hooks: a site whose module carries them is not "hooked" (modules.own_hooks).
@@ -182,7 +196,7 @@ def save_memory(model: nn.Module, enabled: bool = True) -> nn.Module:
             del hooks[key]
             model._forward_hooks_always_called.pop(key, None)
     if enabled:
-        model.register_forward_pre_hook(_enter)
+        model.register_forward_pre_hook(_enter, prepend=True)
         model.register_forward_hook(_exit, always_call=True)
     return model
 

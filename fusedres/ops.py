@@ -429,7 +429,7 @@ def dispatch_batch_norm_act(input: Tensor, residual: Optional[Tensor], running_m
     output = torch.ops.fusedres.batch_norm_act(input, residual, weight, bias, mean, var, training, eps, activation,
                                                float(negative_slope))
     if training and residual is None:
-        memory.mark_recomputable(output, input, weight, bias, mean, var, eps, activation, float(negative_slope))
+        memory.mark_recomputable(output)
     return output
 
 

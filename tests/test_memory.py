@@ -186,14 +186,61 @@ def test_an_output_changed_in_place_is_caught_or_saved_as_it_is():
             out.sum().backward()
 
 
-def test_an_input_of_the_recomputation_changed_in_place_is_caught():
-    model = fusedres.convert(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)).to(DEVICE),
-                             save_memory=True)
-    out = model(make_input((2, 4, 3, 3), torch.float32))
-    with torch.no_grad():
-        model[0].weight.add_(1)  # the batch-norm's own backward refuses this too
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.sum().backward()
+@pytest.mark.parametrize("changed", ["site weight", "conv weight", "sigmoid output"])
+def test_any_saved_tensor_changed_in_place_is_caught(changed):
+    """Saved-tensor hooks turn autograd's version check off for what they unpack: fusedres checks every tensor it
+    packs (a recomputation's inputs, and every other tensor saved while memory is saved), as eager does."""
+    def make():
+        return nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 4, 1))
+
+    for model in (make().to(DEVICE), fusedres.convert(make().to(DEVICE), save_memory=True)):
+        hidden = {}
+        model[3].register_forward_hook(lambda module, args, output: hidden.update(sigmoid=output))
+        out = model(make_input((2, 4, 3, 3), torch.float32))
+        with torch.no_grad():
+            {"site weight": model[0].weight, "conv weight": model[4].weight,
+             "sigmoid output": hidden["sigmoid"]}[changed].mul_(3)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+class _Chain(nn.Module):
+    """Two sites in a row (a batch-norm's input is the previous site's output), then a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2, self.conv = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.conv(F.silu(self.bn2(F.relu(self.bn1(x)))))
+
+
+def test_a_chain_of_sites_keeps_neither_output_and_recomputes_both():
+    plain, saving = _pair(_Chain)
+    _steps([plain, saving], (2, 4, 6, 6), steps=1)
+    _assert_bitwise(plain, saving, "a chain of sites")
+    if DEVICE.type == "cpu":  # (the profiler's CPU memory events)
+        x = make_input((2, 4, 6, 6), torch.float32)
+        kept, kept_saving = retained_bytes(plain, x), retained_bytes(saving, x)
+        y_bytes = x.numel() * x.element_size()
+        assert kept - kept_saving >= 2 * y_bytes, f"{kept} -> {kept_saving} bytes: both outputs should go"
+
+
+def test_other_saved_tensor_mechanisms_around_the_model_decide():
+    """Inside save_on_cpu or a checkpoint of the whole model (their hooks outside ours), memory saving stands
+    aside: theirs see every saved tensor, and the gradients are those of the model without it."""
+    plain, saving = _pair(_Tiny)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+        saving(make_input((2, 3, 8, 8), torch.float32))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(2) or t, lambda t: t):
+        plain(make_input((2, 3, 8, 8), torch.float32))
+    assert packed.count(1) == packed.count(2) > 0
+    for use_reentrant in (False, True):
+        plain, saving = _pair(_Tiny)
+        _steps([plain, saving], (2, 3, 8, 8), steps=1,
+               forward=lambda model, x: checkpoint(model, x.requires_grad_(), use_reentrant=use_reentrant))
+        _assert_bitwise(plain, saving, f"the whole model checkpointed (use_reentrant={use_reentrant})")
 
 
 @pytest.mark.parametrize("use_reentrant", [False, pytest.param(True, marks=FULL)])  # (4 s each in the interpreter)
