@@ -150,7 +150,7 @@ def _frozen(channels, act_layer=nn.ReLU, cls=fusedres.FrozenBatchNormAct2d, **kw
                                                   pytest.param("hardswish", nn.Hardswish, marks=FULL),
                                                   pytest.param("identity", nn.Identity, marks=FULL)])
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=FULL)])  # (--full: channels_last too)
 def test_frozen_batch_norm_act_matches_torchvisions_arithmetic(dtype, buffers, activation, act_layer, residual,
                                                                channels_last):
     """In training mode too: statistics and affine frozen, gradients to the input and the residual only, nothing

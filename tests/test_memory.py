@@ -186,7 +186,8 @@ def test_an_output_changed_in_place_is_caught_or_saved_as_it_is():
             out.sum().backward()
 
 
-@pytest.mark.parametrize("changed", ["site weight", "conv weight", "sigmoid output"])
+@pytest.mark.parametrize("changed", ["conv weight", pytest.param("site weight", marks=FULL),
+                                     pytest.param("sigmoid output", marks=FULL)])  # (--full: the other two)
 def test_any_saved_tensor_changed_in_place_is_caught(changed):
     """Saved-tensor hooks turn autograd's version check off for what they unpack: fusedres checks every tensor it
     packs (a recomputation's inputs, and every other tensor saved while memory is saved), as eager does."""
@@ -226,6 +227,7 @@ def test_a_chain_of_sites_keeps_neither_output_and_recomputes_both():
         assert kept - kept_saving >= 2 * y_bytes, f"{kept} -> {kept_saving} bytes: both outputs should go"
 
 
+@FULL  # (two checkpointed training steps and two forwards in the interpreter: 5 s)
 def test_other_saved_tensor_mechanisms_around_the_model_decide():
     """Inside save_on_cpu or a checkpoint of the whole model (their hooks outside ours), memory saving stands
     aside: theirs see every saved tensor, and the gradients are those of the model without it."""
