@@ -33,8 +33,10 @@ _ATTRIBUTE = "_fusedres_recompute"
 
 
 def is_saving_memory() -> bool:
-    """Whether fused sites called now mark their outputs for recomputation."""
-    return getattr(_state, "depth", 0) > 0
+    """Whether fused sites called now mark their outputs: our hooks pack what is saved now (inside a checkpointed
+    segment the checkpoint's do, and the site's node is then the checkpoint's to unpack, once)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and top[0] is _pack
 
 
 def _compiling() -> bool:
@@ -65,12 +67,8 @@ def saving_memory():
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         yield  # another mechanism's hooks (checkpoint, save_on_cpu) would be overridden by ours: they decide
         return
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-            yield
-    finally:
-        _state.depth -= 1
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        yield
 
 
 class Recompute:
@@ -127,16 +125,8 @@ def mark_recomputable(output: Tensor) -> None:
     """Mark a fused site's output (no residual, batch statistics) for recomputation, when memory is being saved
     and autograd records it. Its autograd node must be the site's: ``batch_norm_act_setup_context``'s saved tensors
     (input, pre-activation source, weight, bias, mean, var) and ``eps``, ``activation``, ``negative_slope``."""
-    if is_saving_memory() and torch.is_grad_enabled() and output.requires_grad and output.grad_fn is not None \
-            and _ours_are_innermost():
+    if is_saving_memory() and torch.is_grad_enabled() and output.requires_grad and output.grad_fn is not None:
         setattr(output, _ATTRIBUTE, Recompute(output, output.grad_fn))
-
-
-def _ours_are_innermost() -> bool:
-    """Whether our hooks pack what is saved now (inside a checkpointed segment the checkpoint's do: the site's node
-    is then the checkpoint's to unpack, once)."""
-    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and top[0] is _pack
 
 
 def _pack(t: Tensor):
